@@ -1,0 +1,318 @@
+"""The plain-PyTorch training loop, and a whole run with outputs, checkpoints and resumption.
+
+:func:`train_loop` works for any model and any :class:`~flatlora.methods.StepRunner`.
+:func:`run` trains a registered method on a registered task and writes::
+
+    OUT/config.json       the resolved settings
+    OUT/adapter/          the LoRA adapter (peft ``save_pretrained``), or OUT/model/ for full-ft
+    OUT/metrics.json      test accuracy, weighted F1, validation per epoch, train-loss curve, time, memory
+    OUT/predictions.json  test-split predictions (for error analysis)
+    OUT/checkpoint.pt     while running: everything needed to resume (removed when finished)
+
+Every file is written atomically. A finished run is not overwritten without ``overwrite=True``; an
+interrupted one resumes from its last checkpoint with the same settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
+from .methods import StepRunner, get_method
+from .tasks import Task, get_task
+
+__all__ = ["TrainConfig", "train_loop", "micro_batches", "prepare_model", "run", "load_run", "RunExistsError"]
+
+
+class RunExistsError(FileExistsError):
+    """The output folder holds a finished run (or a run with other settings)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. ``None`` means the task's default (see ``Task.defaults``)."""
+
+    task: str = "rt-minilm"
+    method: str = "lora"
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    sigma: Optional[float] = None
+    lr: Optional[float] = None
+    steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: Optional[int] = None
+    grad_accum: int = 1
+    seed: int = 0
+    schedule: str = "cosine"
+    mode: str = "exact"
+    rho: Optional[float] = None
+    lora_dropout: float = 0.05
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: Optional[float] = 1.0
+    eval_batch_size: int = 128
+    checkpoint_every: int = 100
+    task_options: dict = dataclasses.field(default_factory=dict)
+
+    def resolved(self, task: Task) -> "TrainConfig":
+        """Fill the unset fields from the task's defaults, and check everything before any work."""
+        d = task.defaults
+        cfg = dataclasses.replace(
+            self,
+            rank=self.rank if self.rank is not None else d.get("rank", 8),
+            alpha=self.alpha if self.alpha is not None else d.get("alpha", 16),
+            sigma=self.sigma if self.sigma is not None else d.get("sigma", 0.05),
+            lr=self.lr if self.lr is not None else d.get("lr", 5e-4),
+            batch_size=self.batch_size if self.batch_size is not None else d.get("batch_size", 16),
+        )
+        get_method(cfg.method)  # unknown method: error before any work
+        for name, value in (("rank", cfg.rank), ("batch_size", cfg.batch_size), ("grad_accum", cfg.grad_accum)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if cfg.sigma < 0 or not math.isfinite(cfg.sigma):
+            raise ValueError(f"sigma must be >= 0, got {cfg.sigma}")
+        if cfg.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {cfg.lr}")
+        if cfg.rho is not None and cfg.rho < 0:
+            raise ValueError(f"rho must be >= 0, got {cfg.rho}")
+        if cfg.steps is not None and cfg.epochs is not None:
+            raise ValueError("give either steps or epochs, not both")
+        per_epoch = len(task.splits["train"]) // (cfg.batch_size * cfg.grad_accum)
+        if per_epoch < 1:
+            raise ValueError(f"the train split ({len(task.splits['train'])} examples) is smaller than one step's batch")
+        if cfg.steps is None:
+            cfg.steps = int(round(cfg.epochs * per_epoch)) if cfg.epochs is not None else int(d.get("steps", 250))
+        if cfg.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+        return cfg
+
+
+def micro_batches(task: Task, batch_size: int, seed: int, split: str = "train") -> Callable[[int], Any]:
+    """``k -> the k-th micro-batch``: epochs of a seeded shuffle (a fresh order each epoch, the
+    incomplete last batch dropped). Deterministic in (seed, k), so a resumed run sees the same data."""
+    examples = task.splits[split]
+    per_epoch = len(examples) // batch_size
+    orders: dict[int, np.ndarray] = {}
+
+    def get(k: int) -> Any:
+        epoch, pos = divmod(k, per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(examples))
+        idx = orders[epoch][pos * batch_size : (pos + 1) * batch_size]
+        return task.collate([examples[i] for i in idx])
+
+    get.per_epoch = per_epoch
+    return get
+
+
+def train_loop(
+    runner: StepRunner,
+    batch_at: Callable[[int], Any],
+    steps: int,
+    *,
+    grad_accum: int = 1,
+    start_step: int = 0,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+    on_step: Optional[Callable[[int, float], None]] = None,
+) -> list[float]:
+    """Run optimizer steps ``start_step … steps-1``; step t uses micro-batches t·k … t·k+k−1
+    (k = ``grad_accum``). Returns the losses of the steps run. ``on_step(t, loss)`` after each."""
+    from .batches import batch_to
+
+    runner.model.train()
+    losses = []
+    bar = tqdm(range(start_step, steps), desc="train", disable=not progress, initial=start_step, total=steps,
+               dynamic_ncols=True)
+    for t in bar:
+        mbs = [batch_at(t * grad_accum + j) for j in range(grad_accum)]
+        if device is not None:
+            mbs = [batch_to(b, device) for b in mbs]
+        loss = runner.step(mbs, t)
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if on_step is not None:
+            on_step(t, loss)
+    return losses
+
+
+def prepare_model(task: Task, cfg: TrainConfig) -> nn.Module:
+    """The task's model, wrapped with LoRA when the method uses it (seeded by ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    if not get_method(cfg.method).uses_lora:
+        return model
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)  # the head and A's init depend on the seed only
+    return get_peft_model(model, task.lora_config(cfg.rank, cfg.alpha, cfg.lora_dropout))
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig):
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    return opt, sched
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def run(
+    cfg: TrainConfig,
+    out: Optional[str | os.PathLike] = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: Optional[str] = None,
+    task: Optional[Task] = None,
+) -> tuple[nn.Module, dict]:
+    """Train ``cfg.method`` on ``cfg.task``; write outputs under ``out`` (if given); return (model, metrics).
+
+    All settings are checked (task, method, values, output folder) before any training starts."""
+    task = task or get_task(cfg.task, **cfg.task_options)
+    cfg = cfg.resolved(task)
+    method = get_method(cfg.method)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(out) if out is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    resume = None
+    if out is not None:
+        if (out / "metrics.json").exists():
+            if not overwrite:
+                raise RunExistsError(f"{out} holds a finished run; pass overwrite=True (--overwrite) to replace it")
+            shutil.rmtree(out)
+        elif ckpt_path.exists():
+            saved = read_json(out / "config.json")
+            if saved != _config_dict(cfg):
+                if not overwrite:
+                    diff = sorted(k for k in saved if saved.get(k) != _config_dict(cfg).get(k))
+                    raise RunExistsError(f"{out} holds an interrupted run with other settings ({diff}); "
+                                         "pass overwrite=True to start afresh")
+                shutil.rmtree(out)
+            else:
+                resume = torch.load(ckpt_path, weights_only=False)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", _config_dict(cfg))
+
+    model = prepare_model(task, cfg).to(dev)
+    optimizer, scheduler = _optimizer(model, cfg)
+    options = {"sigma": cfg.sigma, "schedule": cfg.schedule, "total_steps": cfg.steps, "seed": cfg.seed,
+               "mode": cfg.mode, "rho": cfg.rho}
+    runner = method.build(model, optimizer, options, loss_fn=task.loss, max_grad_norm=cfg.max_grad_norm,
+                          scheduler=scheduler)
+    batch_at = micro_batches(task, cfg.batch_size, cfg.seed)
+    steps_per_epoch = batch_at.per_epoch // cfg.grad_accum
+
+    state = {"step": 0, "train_loss": [], "evals": [], "elapsed": 0.0}
+    if resume is not None:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n, v in resume["trainable"].items():
+                params[n].copy_(v)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        state = resume["state"]
+
+    def checkpoint() -> None:
+        if ckpt_path is not None:
+            atomic_torch_save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "state": state},
+                              ckpt_path)
+
+    t0 = time.perf_counter() - state["elapsed"]
+
+    def on_step(t: int, loss: float) -> None:
+        state["step"] = t + 1
+        state["train_loss"].append(loss)
+        if steps_per_epoch and (t + 1) % steps_per_epoch == 0 and t + 1 < cfg.steps:
+            ev = task.evaluate(model, "validation", cfg.eval_batch_size)
+            ev.pop("predictions")
+            state["evals"].append({"step": t + 1, "epoch": (t + 1) / steps_per_epoch, **ev})
+            model.train()
+        if (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.steps:
+            state["elapsed"] = time.perf_counter() - t0
+            checkpoint()
+
+    train_loop(runner, batch_at, cfg.steps, grad_accum=cfg.grad_accum, start_step=state["step"], device=dev,
+               progress=progress, on_step=on_step)
+    wall = time.perf_counter() - t0
+    val = task.evaluate(model, "validation", cfg.eval_batch_size)
+    val.pop("predictions")
+    state["evals"].append({"step": cfg.steps, "epoch": cfg.steps / max(steps_per_epoch, 1), **val})
+    test = task.evaluate(model, "test", cfg.eval_batch_size)
+    predictions = test.pop("predictions")
+    metrics = {
+        "task": task.name, "method": cfg.method, "seed": cfg.seed, "steps": cfg.steps,
+        "test": test, "validation": val,
+        "accuracy": test["accuracy"], "f1_weighted": test.get("f1_weighted"),
+        "majority_baseline": task.majority_baseline() if task.kind == "classification" else None,
+        "evals": state["evals"], "train_loss": state["train_loss"],
+        "wall_time_s": wall, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **_peak_memory_mb(dev),
+    }
+    if out is not None:
+        save_model(model, out, uses_lora=method.uses_lora)
+        atomic_write_json(out / "predictions.json", {"split": "test", "predictions": predictions})
+        atomic_write_json(out / "metrics.json", metrics)  # written last: marks the run finished
+        ckpt_path.unlink(missing_ok=True)
+    return model, metrics
+
+
+def save_model(model: nn.Module, out: Path, *, uses_lora: bool) -> None:
+    """LoRA: ``OUT/adapter`` via peft's ``save_pretrained``; full-ft: ``OUT/model`` (HF folder or state dict)."""
+    with atomic_dir(out / ("adapter" if uses_lora else "model")) as tmp:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        else:
+            torch.save(model.state_dict(), tmp / "state_dict.pt")
+
+
+def load_run(out: str | os.PathLike, *, task: Optional[Task] = None) -> tuple[nn.Module, Task, dict]:
+    """Load a finished run: (model in eval mode, task, config dict). LoRA runs load with
+    ``PeftModel.from_pretrained``; the base model is rebuilt from the task (offline)."""
+    out = Path(out)
+    if not (out / "metrics.json").exists():
+        raise FileNotFoundError(f"{out} holds no finished run (no metrics.json); train it with analysis_scripts/train.py")
+    cfg = read_json(out / "config.json")
+    task = task or get_task(cfg["task"], **cfg.get("task_options", {}))
+    torch.manual_seed(cfg["seed"])
+    base = task.build_model()
+    if get_method(cfg["method"]).uses_lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, out / "adapter")
+    elif (out / "model" / "state_dict.pt").exists():
+        base.load_state_dict(torch.load(out / "model" / "state_dict.pt"))
+        model = base
+    else:
+        model = type(base).from_pretrained(out / "model", attn_implementation="eager")
+    return model.eval(), task, cfg
