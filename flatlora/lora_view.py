@@ -189,7 +189,8 @@ def lora_layers(model: nn.Module) -> list[LoRALayerView]:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        active = [a for a in module.active_adapters if a in module.lora_A]
+        factors = (module.lora_A, getattr(module, "lora_embedding_A", {}))
+        active = [a for a in module.active_adapters if any(a in f for f in factors)]
         if not active:
             continue
         if len(active) > 1:

@@ -390,7 +390,7 @@ def _tiny_t5_repeat() -> Task:
     def build_model() -> nn.Module:
         cfg = T5Config(vocab_size=len(tok.vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                        num_heads=4, dropout_rate=0.0, decoder_start_token_id=tok.pad_token_id,
-                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
         torch.manual_seed(SPLIT_SEED)
         return T5ForConditionalGeneration(cfg)
 

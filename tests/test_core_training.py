@@ -1,0 +1,132 @@
+"""Tasks on real shipped files, the train script, resumption, and errors raised before any training."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import flatlora.methods
+from flatlora import TaskError, TrainConfig, get_task, load_run, run
+from flatlora.methods import MethodError
+from flatlora.tasks import minilm_dir
+from flatlora.training import RunExistsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "analysis_scripts" / "train.py"), "--no-progress", *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_train_script_writes_outputs_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "run"
+    args = ["--task", "digits-mlp", "--method", "flat-lora", "--steps", "20", "--seed", "3", "--out", str(out)]
+    r = _train_cli(*args)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["method"] == "flat-lora" and 0 <= summary["accuracy"] <= 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "f1_weighted", "evals", "train_loss", "wall_time_s", "peak_rss_mb", "majority_baseline"):
+        assert key in metrics
+    assert len(metrics["train_loss"]) == 20
+    assert (out / "adapter" / "adapter_config.json").exists() and not (out / "checkpoint.pt").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["sigma"] == 0.05 and config["seed"] == 3
+
+    model, task, _ = load_run(out)  # PeftModel.from_pretrained on the saved adapter
+    assert task.evaluate(model, "test")["accuracy"] == pytest.approx(metrics["accuracy"])
+
+    r = _train_cli(*args)
+    assert r.returncode == 2 and "finished run" in r.stderr and "--overwrite" in r.stderr
+    assert _train_cli(*args, "--overwrite").returncode == 0
+
+
+def test_interrupted_run_resumes_bitwise(tmp_path, monkeypatch):
+    cfg = TrainConfig(task="digits-mlp", method="flat-lora", steps=16, seed=1, checkpoint_every=5)
+    reference, _ = run(cfg, progress=False)
+
+    original = flatlora.methods.FlatLoRAStep.step
+    calls = {"n": 0}
+
+    def crash_at_13(self, mbs, step):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, mbs, step)
+
+    monkeypatch.setattr(flatlora.methods.FlatLoRAStep, "step", crash_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "checkpoint.pt").exists() and not (tmp_path / "r" / "metrics.json").exists()
+    monkeypatch.setattr(flatlora.methods.FlatLoRAStep, "step", original)
+    resumed, metrics = run(cfg, tmp_path / "r", progress=False)
+    assert len(metrics["train_loss"]) == 16
+    ref = dict(reference.named_parameters())
+    for n, p in resumed.named_parameters():
+        assert torch.equal(p, ref[n]), n
+
+    with pytest.raises(RunExistsError):
+        run(cfg, tmp_path / "r", progress=False)
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(TaskError, match="unknown task"):
+        run(TrainConfig(task="imagenet"), out)
+    with pytest.raises(MethodError, match="unknown method"):
+        run(TrainConfig(task="digits-mlp", method="adam-lora"), out)
+    with pytest.raises(ValueError, match="sigma"):
+        run(TrainConfig(task="digits-mlp", method="flat-lora", sigma=-1.0), out)
+    with pytest.raises(ValueError, match="steps or epochs"):
+        run(TrainConfig(task="digits-mlp", steps=3, epochs=1.0), out)
+    with pytest.raises(TaskError, match="does not exist"):
+        get_task("custom", model_dir=tmp_path / "nope", train_csv="a.csv", test_csv="b.csv")
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"sentence": ["a"], "label": ["x"]}).to_csv(bad, index=False)
+    with pytest.raises(TaskError, match=r"lacks the column\(s\) \['text'\]"):
+        get_task("custom", model_dir=minilm_dir(), train_csv=bad, test_csv=bad)
+    assert not out.exists()  # nothing written
+    r = _train_cli("--task", "digits-mlp", "--method", "flat-lora", "--sigma", "-1", "--out", str(out))
+    assert r.returncode == 2 and "sigma" in r.stderr and not out.exists()
+
+
+def test_custom_task_on_real_files(tmp_path):
+    """A user's own CSV files and a local model folder (here: the shipped MiniLM and Rotten Tomatoes rows)."""
+    rt = get_task("rt-minilm")
+    names = rt.label_names
+    for split, n in (("train", 64), ("test", 32)):
+        rows = [{"text": t, "label": names[e["label"]]} for t, e in zip(rt.texts[split][:n], rt.splits[split][:n])]
+        pd.DataFrame(rows).to_csv(tmp_path / f"{split}.csv", index=False)
+    r = _train_cli("--task", "custom", "--model-dir", str(minilm_dir()), "--train-csv", str(tmp_path / "train.csv"),
+                   "--test-csv", str(tmp_path / "test.csv"), "--method", "lora", "--steps", "3", "--batch-size", "8",
+                   "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 32
+    model, task, _ = load_run(tmp_path / "run")
+    assert task.label_names == ["fresh", "rotten"]
+
+
+def test_r8_task_loads():
+    task = get_task("r8-minilm")
+    assert task.num_labels == 8
+    assert {k: len(v) for k, v in task.splits.items()} == {"train": 4985, "validation": 500, "test": 2189}
+
+
+def test_tiny_t5_trains_and_generates():
+    model, metrics = run(TrainConfig(task="tiny-t5-repeat", method="lora", steps=200), progress=False)
+    assert metrics["train_loss"][-1] < 0.2 * metrics["train_loss"][0]
+    task = get_task("tiny-t5-repeat")
+    assert task.generate(model, ["repeat: tiger", "repeat: ocean"]) == ["tiger tiger", "ocean ocean"]
+    assert metrics["accuracy"] > 0.9
+
+
+@pytest.mark.slow
+def test_flat_lora_beats_majority_on_rotten_tomatoes():
+    _, metrics = run(TrainConfig(task="rt-minilm", method="flat-lora", steps=150, seed=0), progress=False)
+    assert metrics["majority_baseline"] == pytest.approx(0.571, abs=0.01)
+    assert metrics["accuracy"] >= metrics["majority_baseline"] + 0.10, metrics["accuracy"]
