@@ -102,7 +102,7 @@ def _effective_weight(view: LoRALayerView, delta: Delta, dtype: torch.dtype) -> 
 
 
 class _ExactPerturbedLayer(torch.autograd.Function):
-    """y = layer(x; W + ΔW), storing x but not W + ΔW: ΔW is rebuilt in backward."""
+    """y = layer(x; W + ΔW), storing neither W + ΔW (rebuilt in backward) nor, when W is frozen, x."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, view, delta):
@@ -112,8 +112,9 @@ class _ExactPerturbedLayer(torch.autograd.Function):
             xc = x.to(dtype)
             w = _effective_weight(view, delta, dtype)
             y = view.base_forward(xc, w)
-        ctx.save_for_backward(xc)
-        ctx.x_dtype = x.dtype
+        # x is needed only for ∂W; with W frozen (LoRA) keeping it would hold an activation per layer
+        ctx.save_for_backward(xc if ctx.needs_input_grad[1] else None)
+        ctx.x_shape, ctx.x_dtype = xc.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -131,7 +132,7 @@ class _ExactPerturbedLayer(torch.autograd.Function):
                 conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
                 if need_x:
                     w = view.to_stored(_effective_weight(view, ctx.delta, ctx.dtype))
-                    gx = torch.nn.grad.conv2d_input(xc.shape, w, gy, *conv_args)
+                    gx = torch.nn.grad.conv2d_input(ctx.x_shape, w, gy, *conv_args)
                     del w
                 if need_w:
                     gw = torch.nn.grad.conv2d_weight(xc, view.weight_param.shape, gy, *conv_args)
@@ -158,8 +159,9 @@ class _ExactPerturbedLayer(torch.autograd.Function):
 
 def _exact_forward(view: LoRALayerView, delta: Delta):
     def forward(x, *args, **kwargs):
-        if isinstance(delta, torch.Tensor) and delta.requires_grad:
-            # differentiable in ΔW (and twice differentiable): plain autograd ops
+        if isinstance(delta, torch.Tensor) and (delta.requires_grad or not torch.is_grad_enabled()):
+            # differentiable in ΔW (and twice differentiable): plain autograd ops. Without grad there
+            # is no backward to save memory for, and plain ops compose with torch.func.vmap
             return view.base_forward(x, view.weight + delta.to(view.weight.dtype))
         return _ExactPerturbedLayer.apply(x, view.weight_param, view.base_layer.bias, view, delta)
 

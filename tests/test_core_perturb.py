@@ -102,17 +102,23 @@ def test_differentiable_delta_supports_double_backward(linear_lora):
     torch.testing.assert_close(hv, fd.detach(), rtol=1e-5, atol=1e-8)
 
 
-def test_exact_mode_stores_no_weight_sized_tensor(linear_lora):
-    """exact + seeded ΔW: autograd keeps the layer input, not W + ΔW (regenerated in backward)."""
+@pytest.mark.parametrize("trainable_w", [False, True])
+def test_exact_mode_stores_no_weight_sized_tensor(linear_lora, trainable_w):
+    """exact + seeded ΔW: autograd keeps no W + ΔW (regenerated in backward), and keeps the layer
+    input only when ∂W is needed (a frozen W — LoRA — needs none)."""
     v = lora_layers(linear_lora)[0]
+    v.weight_param.requires_grad_(trainable_w)
     x = torch.randn(5, v.shape[1], requires_grad=True)
+    noise = SeededGaussian(torch.full((v.shape[0],), 0.1), 0)
     saved = []
-    with perturbed([v], {v.name: SeededGaussian(torch.full((v.shape[0],), 0.1), 0)}):
+    with perturbed([v], {v.name: noise}):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
             y = v.base_layer(x)
         y.sum().backward()
-    assert saved and all(shape == tuple(x.shape) for shape in saved)
-    assert torch.equal(x.grad, torch.ones(5, v.shape[0]) @ (v.weight + SeededGaussian(torch.full((v.shape[0],), 0.1), 0).materialize(v)))
+    assert saved == ([tuple(x.shape)] if trainable_w else [])
+    assert torch.equal(x.grad, torch.ones(5, v.shape[0]) @ (v.weight + noise.materialize(v)))
+    if trainable_w:
+        torch.testing.assert_close(v.weight_param.grad, torch.ones(5, v.shape[0]).t() @ x.detach())
 
 
 def test_bf16_autocast(linear_lora):
