@@ -72,6 +72,7 @@ class Task:
     defaults: dict = field(default_factory=dict)
     generate: Optional[Callable] = None  # seq2seq: (model, prompts) -> texts
     texts: dict[str, list[str]] = field(default_factory=dict)  # raw texts per split, for error analysis
+    encode: Optional[Callable[[Sequence[str], Sequence[int]], list]] = None  # text tasks: (texts, label ids) -> examples
 
     def lora_config(self, rank: int = 8, alpha: float = 16, dropout: float = 0.05):
         from peft import LoraConfig, TaskType
@@ -88,14 +89,20 @@ class Task:
             task_type=task_type,
         )
 
-    def batches(self, split: str, batch_size: int, *, limit: Optional[int] = None) -> list:
-        """The split in order, as a list of batches (the last may be smaller)."""
-        ex = self.splits[split][:limit] if limit else self.splits[split]
+    def batches(self, split: str, batch_size: int, *, limit: Optional[int] = None, examples: Optional[list] = None) -> list:
+        """The split (or the given examples) in order, as a list of batches (the last may be smaller)."""
+        ex = self._examples(split, limit, examples)
         return [self.collate(ex[i : i + batch_size]) for i in range(0, len(ex), batch_size)]
 
+    def _examples(self, split: str, limit: Optional[int], examples: Optional[list]) -> list:
+        ex = self.splits[split] if examples is None else examples
+        return ex[:limit] if limit else ex
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "test", batch_size: int = 128, limit: Optional[int] = None) -> dict:
-        """Mean loss, accuracy and weighted F1 on a split (eval mode; the model's mode is restored).
+    def evaluate(self, model: nn.Module, split: str = "test", batch_size: int = 128, limit: Optional[int] = None,
+                 examples: Optional[list] = None) -> dict:
+        """Mean loss, accuracy and weighted F1 on a split, or on ``examples`` (e.g. corrupted test
+        texts from ``encode``); eval mode, the model's mode restored.
 
         For seq2seq, accuracy is exact-match of greedy generations."""
         from sklearn.metrics import f1_score
@@ -105,12 +112,12 @@ class Task:
         device = next(model.parameters()).device
         try:
             if self.kind == "seq2seq":
-                ex = self.splits[split][:limit] if limit else self.splits[split]
+                ex = self._examples(split, limit, examples)
                 preds = self.generate(model, [e["source"] for e in ex])
                 hits = [p == e["target"] for p, e in zip(preds, ex)]
                 return {"accuracy": float(np.mean(hits)), "n": len(ex), "predictions": preds}
             losses, n, preds, labels = 0.0, 0, [], []
-            for b in self.batches(split, batch_size, limit=limit):
+            for b in self.batches(split, batch_size, limit=limit, examples=examples):
                 b = batch_to(b, device)
                 out, y = batch_logits_and_labels(model, b)
                 logits = out.logits if hasattr(out, "logits") else out
@@ -177,12 +184,12 @@ def _text_classification(
         raise TaskError(f"{name}: labels {sorted(unknown)[:5]} appear in an evaluation split but never in train")
     index = {lab: i for i, lab in enumerate(label_names)}
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    splits = {}
-    for split, tx in texts.items():
+
+    def encode(tx: Sequence[str], label_ids: Sequence[int]) -> list:
         enc = tok(list(tx), truncation=True, max_length=max_length)
-        splits[split] = [
-            {"input_ids": ids, "label": index[lab]} for ids, lab in zip(enc["input_ids"], labels[split])
-        ]
+        return [{"input_ids": ids, "label": int(lab)} for ids, lab in zip(enc["input_ids"], label_ids)]
+
+    splits = {split: encode(tx, [index[lab] for lab in labels[split]]) for split, tx in texts.items()}
     pad_id = tok.pad_token_id or 0
 
     def collate(examples: list) -> dict:
@@ -222,6 +229,7 @@ def _text_classification(
         # at 2e-3 they reach 0.78 (measured on 2 cores, seed 0)
         defaults={"lr": 2e-3, "batch_size": 16, "sigma": 0.05, "steps": 250, **(defaults or {})},
         texts=texts,
+        encode=encode,
     )
 
 

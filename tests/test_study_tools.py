@@ -1,0 +1,47 @@
+"""Text corruptions (seeded, paired across models) and the paired error analysis."""
+import pytest
+
+from landscape.corruption import CORRUPTIONS, LEVELS, corrupt, corrupt_all
+from landscape.error_analysis import compare_predictions
+
+TEXT = "a gripping story, with superb acting and a script that never lets go of you."
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corruptions_are_seeded_and_scale_with_level(kind):
+    texts = [TEXT] * 40
+    light, heavy = corrupt_all(texts, kind, "light", seed=0), corrupt_all(texts, kind, "heavy", seed=0)
+    assert light == corrupt_all(texts, kind, "light", seed=0)  # deterministic: the same for every model
+    assert light != corrupt_all(texts, kind, "light", seed=1)
+    changed = lambda out: sum(t != TEXT for t in out)
+    assert 0 < changed(light) < changed(heavy) <= len(texts)
+
+
+def test_corruptions_do_what_they_say():
+    conf = corrupt(TEXT, "confusables", "heavy", index=3)
+    assert conf != TEXT and any(ord(ch) > 127 for ch in conf) and len(conf) == len(TEXT)
+    emoji = corrupt(TEXT, "emoji", "heavy", index=3)
+    assert any(ord(ch) > 0x1F000 for ch in emoji) and emoji.replace(" ", "").startswith("agripping")
+    typo = corrupt(TEXT, "typos", "heavy", index=3)
+    assert typo != TEXT and abs(len(typo) - len(TEXT)) <= len(TEXT.split())
+
+
+def test_bad_corruption_names():
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(TEXT, "leet")
+    with pytest.raises(ValueError, match="unknown level"):
+        corrupt(TEXT, "typos", "medium")
+    assert set(LEVELS) == {"light", "heavy"}
+
+
+def test_compare_predictions_counts_and_mcnemar():
+    labels = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+    a = [0, 1, 0, 1, 0, 1, 0, 1, 1, 0]  # right on 8
+    b = [1, 0, 1, 0, 1, 0, 0, 1, 0, 1]  # right on 4
+    counts, table = compare_predictions(labels, a, b, names=("lora", "flat"), texts=[str(i) for i in range(10)])
+    assert counts["both right"] == 2 and counts["both wrong"] == 0
+    assert counts["only lora right"] == 6 and counts["only flat right"] == 2
+    assert counts["mcnemar_p"] == pytest.approx(0.2890625)  # two-sided binomial, 2 of 8 at p = 1/2
+    assert list(table["kind"]).count("only lora right") == 3 and set(table["text"]) <= {str(i) for i in range(10)}
+    with pytest.raises(ValueError, match="length"):
+        compare_predictions(labels, a[:5], b)
