@@ -1,0 +1,130 @@
+"""The measure suite of the flatness-mismatch study: every sharpness measure, in several spaces, as one tidy table.
+
+For one model and one :class:`~landscape.Loss` (the same fixed batches for every run, so runs are
+paired), in each space:
+
+* ``eigenvalue``   — the top Hessian eigenvalue(s) λ₁ … λ_k (Lanczos);
+* ``trace``        — Tr H by Hutch++ with its standard error (skipped when ``trace_samples = 0``);
+* ``expected_loss`` — ΔL(σ) = E_ε L(θ + ε) − L(θ) under Flat-LoRA's filter noise, per σ, with a
+  t-interval (the same noise draws for every run: common random numbers);
+* ``worst_case``   — max over ‖δ‖ ≤ ρ of L(θ + δ) − L(θ) by k ascent steps, per ρ;
+* ``line``         — L(θ + α d) − L(θ) along K filter-normalized directions (mean over directions
+  at the largest |α|, and the full curves returned separately).
+
+A model trained without LoRA (full fine-tuning) has no LoRA, tangent or normal space; its ``merged``
+space is the set of weights LoRA adapts in the other runs (same names, same shapes), so that
+"sharpness of the weights LoRA would have adapted" is compared like for like.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from .curves import loss_line
+from .hessian_spectrum import hessian_eigenvalues
+from .hessian_trace import hessian_trace
+from .loss import Loss
+from .noise import expected_loss
+from .space import Space, space
+from .worst_case import worst_case_sharpness
+
+__all__ = ["ProbeSettings", "probe_model", "probe_spaces"]
+
+LORA_SPACES = ("lora", "merged", "tangent", "normal")
+
+
+@dataclass
+class ProbeSettings:
+    """What :func:`probe_model` measures, and how hard it tries."""
+
+    spaces: Sequence[str] = ("lora", "merged", "tangent", "normal")
+    eig_k: int = 1
+    eig_tol: float = 1e-3
+    trace_samples: int = 0
+    sigmas: Sequence[float] = (0.02, 0.05, 0.1)
+    noise_max_samples: int = 16
+    noise_min_samples: int = 8
+    rhos: Sequence[float] = (0.05,)
+    worst_case_steps: int = 3
+    num_directions: int = 3
+    alphas: int = 11
+    span: float = 1.0
+    seed: int = 0
+    include_trainable: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe_spaces(model: nn.Module, kinds: Sequence[str], lora_targets: Optional[Sequence[str]],
+                 include_trainable: bool = False) -> dict[str, Space]:
+    """The spaces to probe. Without LoRA layers, ``merged`` becomes the weights of ``lora_targets``
+    (a custom space) and the LoRA-only spaces are left out."""
+    from flatlora import UnsupportedAdapterError, lora_layers
+
+    try:
+        lora_layers(model)
+        has_lora = True
+    except UnsupportedAdapterError:
+        has_lora = False
+    spaces = {}
+    for kind in kinds:
+        if has_lora or kind not in LORA_SPACES:
+            spaces[kind] = space(model, kind, include_trainable=include_trainable and kind in LORA_SPACES)
+        elif kind == "merged" and lora_targets:
+            suffixes = tuple(f".{t}.weight" for t in lora_targets)
+            spaces[kind] = space(model, lambda name, p, s=suffixes: ("." + name).endswith(s))
+    return spaces
+
+
+def _rows(frame: pd.DataFrame, space_name: str, measure: str, x_col: Optional[str], value: str,
+          err: Optional[str] = None, extra: Optional[dict] = None) -> list[dict]:
+    out = []
+    for _, r in frame.iterrows():
+        out.append({"space": space_name, "measure": measure, "x": float(r[x_col]) if x_col else np.nan,
+                    "value": float(r[value]), "err": float(r[err]) if err else np.nan, **(extra or {})})
+    return out
+
+
+def probe_model(model: nn.Module, loss: Loss, settings: ProbeSettings = ProbeSettings(), *,
+                lora_targets: Optional[Sequence[str]] = None, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run the suite; return (measures, curves). ``measures`` has columns space, measure, x (σ, ρ,
+    eigenvalue rank or α), value, err (a standard error or an interval half-width), seconds."""
+    s = settings
+    rows, curves = [], []
+    for name, sp in probe_spaces(model, s.spaces, lora_targets, s.include_trainable).items():
+        t0 = time.perf_counter()
+        eig = hessian_eigenvalues(model, loss, sp, k=s.eig_k, tol=s.eig_tol, seed=s.seed, progress=progress)
+        rows += [{"space": name, "measure": "eigenvalue", "x": i + 1, "value": float(v), "err": np.nan,
+                  "seconds": eig.seconds, "num_hvp": eig.num_hvp} for i, v in enumerate(eig.eigenvalues)]
+        if s.trace_samples:
+            tr = hessian_trace(model, loss, sp, num_samples=s.trace_samples, seed=s.seed, progress=progress)
+            rows.append({"space": name, "measure": "trace", "x": np.nan, "value": tr.estimate, "err": tr.stderr,
+                         "seconds": tr.seconds, "num_hvp": tr.num_hvp})
+        t1 = time.perf_counter()
+        noise = expected_loss(model, loss, space=sp, sigmas=list(s.sigmas), noise="filter", seed=s.seed,
+                              max_samples=s.noise_max_samples, min_samples=s.noise_min_samples, progress=progress)
+        rows += _rows(noise, name, "expected_loss", "sigma", "delta_loss", "half_width",
+                      {"seconds": time.perf_counter() - t1})
+        t1 = time.perf_counter()
+        worst = worst_case_sharpness(model, loss, space=sp, rho=list(s.rhos), steps=s.worst_case_steps)
+        rows += _rows(worst, name, "worst_case", "rho", "sharpness", None, {"seconds": time.perf_counter() - t1})
+        t1 = time.perf_counter()
+        line = loss_line(model, loss, space=sp, alphas=s.alphas, span=s.span, num_directions=s.num_directions,
+                         seed=s.seed, progress=progress)
+        base = float(line.loc[line["alpha"] == 0, "loss"].mean())
+        line = line.assign(delta_loss=line["loss"] - base, space=name)
+        curves.append(line)
+        edge = line[np.isclose(line["alpha"].abs(), s.span)].groupby("direction")["delta_loss"].mean()
+        rows.append({"space": name, "measure": "line", "x": s.span, "value": float(edge.mean()),
+                     "err": float(edge.std(ddof=1)) if len(edge) > 1 else np.nan,
+                     "seconds": time.perf_counter() - t1})
+        rows.append({"space": name, "measure": "dim", "x": np.nan, "value": float(sp.dim), "err": np.nan,
+                     "seconds": time.perf_counter() - t0})
+    return pd.DataFrame(rows), (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame())
