@@ -54,9 +54,9 @@ def settings_from(a: argparse.Namespace) -> ProbeSettings:
 
 
 def probe_runs(runs, out: Path, settings: ProbeSettings, split: str, examples: int, batch_size: int,
-               progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Probe each run (resuming from OUT.parts/), then write the CSVs and the manifest atomically."""
-    parts = out.with_name(out.name + ".parts")
+               progress: bool = False, parts: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe each run (resuming from ``parts``, default OUT.parts/), then write the CSVs atomically."""
+    parts = parts or out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     measures, curves = [], []
     for run_path in map(Path, runs):

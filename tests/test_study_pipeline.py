@@ -1,0 +1,42 @@
+"""The whole study pipeline in miniature: train, probe, figures and report on digits-mlp, 2 seeds."""
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "analysis_scripts"))
+
+import mismatch_study  # noqa: E402
+from flatlora import METHODS  # noqa: E402
+
+STUDY_METHODS = [m for m in ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full") if m in METHODS]
+
+
+def test_miniature_study_end_to_end(tmp_path):
+    args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--figures", str(tmp_path / "fig"),
+            "--tasks", "digits-mlp", "--methods", *STUDY_METHODS, "--seeds", "0", "1", "--steps", "digits-mlp=10",
+            "--probe-examples", "32", "--no-progress"]
+    assert mismatch_study.main(args) == 0
+    res = tmp_path / "results" / "digits-mlp"
+    metrics = pd.read_csv(res / "metrics.csv")
+    assert sorted(metrics["method"].unique()) == sorted(STUDY_METHODS) and set(metrics["seed"]) == {0, 1}
+    probes = pd.read_csv(res / "probes.csv")
+    assert {"space", "measure", "x", "value", "err", "task", "method", "seed"} <= set(probes.columns)
+    lora = probes[probes["method"] == "lora"]
+    assert set(lora["space"]) == {"lora", "merged", "tangent", "normal"}
+    assert set(lora["measure"]) >= {"eigenvalue", "expected_loss", "worst_case", "line"}
+    assert set(probes.loc[probes["method"] == "full-ft", "space"]) == {"merged"}  # the weights LoRA adapts
+    curves = pd.read_csv(res / "probes-curves.csv")
+    assert {"alpha", "loss", "delta_loss", "direction", "space", "method"} <= set(curves.columns)
+    assert (curves.loc[curves["alpha"] == 0, "delta_loss"].abs() < 1e-6).all()
+    planes = pd.read_csv(res / "planes.csv")
+    assert planes[["alpha", "beta"]].drop_duplicates().shape[0] == 121
+    for name in ("lines", "expected-loss", "eigenvalues", "sharpness-vs-accuracy", "plane-lora", "plane-flat-lora"):
+        assert (tmp_path / "fig" / f"digits-mlp-{name}.png").stat().st_size > 1000, name
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "Welch" in report and "flat-lora" in report and "digits-mlp-lines.png" in report
+    # a second call reuses every finished piece (no retraining): it is resumable
+    before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}
+    assert mismatch_study.main(args[:-1] + ["--stage", "train", "--no-progress"]) == 0
+    assert before == {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}
