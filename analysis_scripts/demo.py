@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""`make demo`: train LoRA and Flat-LoRA on the default task (rt-minilm) and print a table.
+"""`make demo`: train LoRA and Flat-LoRA on the default task (rt-minilm), probe both in the LoRA and
+merged spaces, and write one figure and one table.
 
-    .venv/bin/python analysis_scripts/demo.py [--steps 250] [--out runs/demo]
+    .venv/bin/python analysis_scripts/demo.py [--steps 200] [--out runs/demo]
 
-Finished runs under --out are reused, so a second `make demo` only prints.
+Finished runs and probes under --out are reused, so a second `make demo` only prints.
 """
 from __future__ import annotations
 
@@ -14,34 +15,55 @@ from pathlib import Path
 import pandas as pd
 
 from flatlora import TrainConfig, run
+from flatlora.io import atomic_write_text
+from landscape.plot import save_figure
+from landscape.probe_suite import ProbeSettings
+from landscape.study_figures import fig_lines
+from landscape.study_report import markdown_table
+
+from probe import probe_runs
 
 METHODS = ("lora", "flat-lora")
+SETTINGS = ProbeSettings(spaces=("lora", "merged"), sigmas=(0.05,), noise_max_samples=8, rhos=(0.05,),
+                         worst_case_steps=1, num_directions=2, alphas=9)
 
 
 def train_or_reuse(method: str, steps: int, out: Path) -> dict:
     if (out / "metrics.json").exists():
         print(f"[demo] reusing the finished run in {out}")
         return json.loads((out / "metrics.json").read_text())
-    print(f"[demo] training {method} on rt-minilm for {steps} steps → {out}")
+    print(f"[demo] training {method} on rt-minilm for {steps} steps → {out}", flush=True)
     _, metrics = run(TrainConfig(task="rt-minilm", method=method, steps=steps, seed=0), out)
     return metrics
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default="runs/demo")
     a = p.parse_args()
     out = Path(a.out)
+    metrics = {m: train_or_reuse(m, a.steps, out / m) for m in METHODS}
+    print("[demo] probing both runs in the lora and merged spaces (32 validation examples)", flush=True)
+    probes, curves = probe_runs([out / m for m in METHODS], out / "probes.csv", SETTINGS, "validation", 32, 32,
+                                progress=True)
     rows = []
-    for method in METHODS:
-        m = train_or_reuse(method, a.steps, out / method)
-        rows.append({"method": method, "test accuracy": m["accuracy"], "weighted F1": m["f1_weighted"],
-                     "majority baseline": m["majority_baseline"], "train time (s)": m["wall_time_s"]})
-    table = pd.DataFrame(rows).set_index("method")
+    for m in METHODS:
+        row = {"method": m, "test accuracy": metrics[m]["accuracy"], "weighted F1": metrics[m]["f1_weighted"]}
+        for sp in SETTINGS.spaces:
+            sel = probes[(probes["method"] == m) & (probes["space"] == sp)].set_index("measure")["value"]
+            row[f"λ₁ {sp}"] = sel["eigenvalue"]
+            row[f"ΔL(σ=0.05) {sp}"] = sel["expected_loss"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    atomic_write_text(out / "demo-table.md", markdown_table(table) + "\n")
+    figure = save_figure(fig_lines(curves, task="rt-minilm"), out / "demo-lines")
     print()
-    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    print(f"\n[demo] runs, adapters and metrics are in {out.resolve()}")
+    print(table.set_index("method").to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"\n[demo] majority-class baseline: {metrics['lora']['majority_baseline']:.4f}")
+    print(f"[demo] table:  {(out / 'demo-table.md').resolve()}")
+    print(f"[demo] figure: {figure[0].resolve()}")
+    print(f"[demo] runs, adapters and metrics: {out.resolve()}")
 
 
 if __name__ == "__main__":
