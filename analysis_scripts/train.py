@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from flatlora import METHODS, TASKS, TrainConfig, run
+from flatlora import METHODS, SAM_VARIANTS, TASKS, TrainConfig, run
 from flatlora.flat_lora import SCHEDULES
 from flatlora.perturb import MODES
 
@@ -27,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, help="Flat-LoRA noise scale σ (task default: 0.05)")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="σ schedule over optimizer steps")
     p.add_argument("--mode", default="exact", choices=MODES, help="weight-perturbation mode")
-    p.add_argument("--rho", type=float, help="SAM radius ρ (SAM methods)")
+    p.add_argument("--rho", type=float, help="SAM radius ρ (SAM methods; default per method: "
+                   + ", ".join(f"{m} {v.rho}" for m, v in SAM_VARIANTS.items()) + ")")
     p.add_argument("--lr", type=float, help="learning rate (task default)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="optimizer steps")

@@ -4,14 +4,22 @@ A :class:`StepRunner` does one optimizer step: forward and backward over every m
 loss weighted by its share of the step's samples, so k accumulated micro-batches give the update of
 one batch k times the size), gradient clipping, the optimizer update and the LR schedule.
 Subclasses change what forward and backward see (Flat-LoRA's noise) or how many passes a step takes
-(the SAM family). The plain loop (:mod:`flatlora.training`) and scripts pick a runner by method name
-from :data:`METHODS`.
+(the SAM family). With a GradScaler and an autocast dtype it trains in mixed precision (the
+gradients unscaled once, before clipping; a step with inf/NaN gradients skipped). The plain loop
+(:mod:`flatlora.training`) and scripts pick a runner by method name from :data:`METHODS`.
 
 =============  ====================================================================================
 ``full-ft``    full fine-tuning, every parameter trainable, no LoRA
 ``lora``       plain LoRA (Hu et al., 2022)
 ``flat-lora``  LoRA trained on E_ε L(W + sBA + ε), ε filter-wise Gaussian (Li et al., ICML 2025)
+``sam``        SAM on every parameter, full fine-tuning (Foret et al., 2021); default ρ 0.05
+``sam-lora``   SAM on the trainable parameters (A, B, head); default ρ 0.003
+``asam-lora``  ASAM (Kwon et al., 2021) on A, B, head; default ρ 0.03
+``sam-full``   SAM on the merged weights W' = W + sBA of the adapted layers; default ρ 0.05
+``asam-full``  ASAM on the merged weights; default ρ 0.5
 =============  ====================================================================================
+
+The SAM family's defaults and where ε lives: :mod:`flatlora.sam`.
 """
 from __future__ import annotations
 
@@ -24,8 +32,10 @@ from torch import nn
 
 from .batches import batch_loss, batch_size
 from .flat_lora import FlatLoRA
+from .sam import SAM_VARIANTS, build_sam, running_stats_frozen
 
-__all__ = ["StepRunner", "FlatLoRAStep", "Method", "METHODS", "register_method", "get_method", "MethodError"]
+__all__ = ["StepRunner", "FlatLoRAStep", "SAMStep", "Method", "METHODS", "register_method", "get_method",
+           "MethodError"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -35,7 +45,11 @@ class MethodError(ValueError):
 
 
 class StepRunner:
-    """One optimizer step of plain gradient training over a step's micro-batches."""
+    """One optimizer step of plain gradient training over a step's micro-batches.
+
+    Mixed precision: ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward passes under
+    ``torch.autocast``; ``scaler`` (a ``torch.amp.GradScaler``) scales the losses, unscales the
+    gradients once before clipping, and skips a step whose gradients are not finite."""
 
     def __init__(
         self,
@@ -45,13 +59,22 @@ class StepRunner:
         loss_fn: LossFn = batch_loss,
         max_grad_norm: Optional[float] = None,
         scheduler: Optional[Any] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.max_grad_norm, self.scheduler = max_grad_norm, scheduler
+        self.scaler, self.autocast_dtype = scaler, autocast_dtype
 
     def perturbation(self, step: int) -> ContextManager:
         """What forward and backward see at optimizer step ``step`` (nothing special by default)."""
         return contextlib.nullcontext()
+
+    def autocast(self) -> ContextManager:
+        """``torch.autocast`` at ``autocast_dtype`` on the model's device (nothing if no dtype is set)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
 
     def accumulate(self, micro_batches: Sequence[Any], step: int) -> float:
         """Forward and backward over all micro-batches, gradients summed with weights n_i / Σn.
@@ -61,8 +84,9 @@ class StepRunner:
         for b in micro_batches:
             share = batch_size(b) / total
             with self.perturbation(step):
-                loss = self.loss_fn(self.model, b)
-                (loss * share).backward()
+                with self.autocast():
+                    loss = self.loss_fn(self.model, b)
+                (loss * share if self.scaler is None else self.scaler.scale(loss * share)).backward()
             loss_sum += float(loss.detach()) * share
         return loss_sum
 
@@ -70,10 +94,16 @@ class StepRunner:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def update(self) -> None:
-        """Clip, apply the optimizer and the LR schedule."""
+        """Clip, apply the optimizer and the LR schedule (with a scaler: unscale once, skip on inf/NaN)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
 
@@ -96,13 +126,52 @@ class FlatLoRAStep(StepRunner):
         return self.flat_lora.perturb(step)
 
 
+class SAMStep(StepRunner):
+    """The SAM family: two passes over all micro-batches of the step (Foret et al., 2021).
+
+    The first pass accumulates g = ∇L(θ) over the step's micro-batches (each weighted by its share
+    of the samples), so ε comes from the gradient of the whole step; ``sam.first_step`` moves to
+    θ + ε; the second pass accumulates ∇L(θ + ε) over the same micro-batches, with BatchNorm running
+    statistics frozen (updated once, by the first pass); ``sam.restore`` returns to θ; then the
+    usual clip, optimizer step and LR schedule. With a GradScaler, a first gradient that is not
+    finite skips the second pass and the step. Returns the loss at θ.
+
+    Args: ``sam`` — a :class:`flatlora.SAM` or :class:`flatlora.MergedSAM` around ``optimizer``."""
+
+    def __init__(self, model, optimizer, *, sam, **kwargs):
+        super().__init__(model, optimizer, **kwargs)
+        if sam.base_optimizer is not optimizer:
+            raise MethodError("the SAM object must wrap the runner's optimizer (its base_optimizer)")
+        self.sam = sam
+        self._pass = sam.first_pass
+
+    def perturbation(self, step: int) -> ContextManager:
+        return self._pass()
+
+    @contextlib.contextmanager
+    def _second_pass(self):
+        with self.sam.second_pass(), running_stats_frozen(self.model):
+            yield
+
+    def step(self, micro_batches: Sequence[Any], step: int) -> float:
+        self.sam.zero_grad(set_to_none=True)
+        self._pass = self.sam.first_pass
+        loss = self.accumulate(micro_batches, step)
+        if self.sam.first_step(zero_grad=True, scaler=self.scaler):
+            self._pass = self._second_pass
+            self.accumulate(micro_batches, step)
+        self.sam.restore()
+        self.update()
+        return loss
+
+
 @dataclass(frozen=True)
 class Method:
     """A registered training method.
 
     ``build(model, optimizer, options, **runner_kwargs) -> StepRunner``; ``options`` holds the
     method's settings (``sigma``, ``schedule``, ``total_steps``, ``seed``, ``mode``, ``rho`` …).
-    ``option_names`` lists the options the method reads (the others are rejected)."""
+    ``option_names`` lists the options the method reads (documentation; the others are ignored)."""
 
     name: str
     uses_lora: bool
@@ -148,3 +217,14 @@ register_method(
     Method("flat-lora", True, "Flat-LoRA: filter-wise weight noise in the merged space", _flat_lora,
            ("sigma", "schedule", "total_steps", "seed", "mode"))
 )
+
+
+def _sam_builder(name: str) -> Callable[..., StepRunner]:
+    def build(model, optimizer, options, **kw):
+        return SAMStep(model, optimizer, sam=build_sam(name, model, optimizer, rho=options.get("rho")), **kw)
+
+    return build
+
+
+for _name, _variant in SAM_VARIANTS.items():
+    register_method(Method(_name, _variant.uses_lora, _variant.description, _sam_builder(_name), ("rho",)))

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` integration: :class:`FlatLoRATrainer`.
+"""Hugging Face ``Trainer`` integration: :class:`FlatLoRATrainer` and :class:`SAMTrainer`.
 
 Works with transformers 5: it overrides ``training_step(model, inputs, num_items_in_batch=None)``
 (the current signature) and perturbs around the parent's forward and backward. The noise step is
@@ -13,8 +13,9 @@ from typing import Optional
 from transformers import Trainer
 
 from .flat_lora import FlatLoRA
+from .sam import build_sam, resolve_sam, running_stats_frozen
 
-__all__ = ["FlatLoRATrainer"]
+__all__ = ["FlatLoRATrainer", "SAMTrainer"]
 
 
 class FlatLoRATrainer(Trainer):
@@ -39,3 +40,52 @@ class FlatLoRATrainer(Trainer):
         self.flat_lora.total_steps = self.state.max_steps
         with self.flat_lora.perturb(self.state.global_step):
             return super().training_step(model, inputs, num_items_in_batch)
+
+
+class SAMTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with a SAM-family method (:mod:`flatlora.sam`).
+
+    Args (besides the Trainer's): ``sam_method`` — ``sam-lora`` (default), ``asam-lora``,
+    ``sam-full``, ``asam-full`` or ``sam`` (a model without LoRA); ``sam_rho`` (default: the method's,
+    see :data:`flatlora.SAM_VARIANTS`); ``sam_eta`` (ASAM's η).
+
+    Gradient accumulation: the Trainer calls ``training_step`` once per micro-batch and steps the
+    optimizer after the last one, but ε must come from the gradient of the whole step. So every
+    micro-batch's first pass runs as in plain training (the gradient at θ accumulates) and the
+    micro-batch is kept; in the step's last one (``accelerator.sync_gradients``) ε is taken from the
+    accumulated gradient, the second pass runs over all kept micro-batches at θ + ε (BatchNorm running
+    statistics frozen), θ is restored, and the Trainer's own clipping and optimizer step then apply
+    ∇L(θ + ε) at θ. What is kept is the step's input batches, not activations. With fp16, the
+    accelerator's GradScaler scales both passes (ε does not depend on the scale) and unscales once,
+    at clipping or at the step; a first gradient that overflows skips the second pass and the step.
+    The logged loss is the loss at θ.
+    """
+
+    def __init__(self, *args, sam_method: str = "sam-lora", sam_rho: Optional[float] = None, sam_eta: float = 0.01,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        _, self.sam_rho = resolve_sam(sam_method, self.model, sam_rho, sam_eta)  # errors before any training
+        self.sam_method, self.sam_eta = sam_method, sam_eta
+        self.sam = None
+        self._micro_batches: list = []
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        self.sam = build_sam(self.sam_method, self.model, optimizer, rho=self.sam_rho, eta=self.sam_eta)
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.sam is None:
+            raise RuntimeError("SAMTrainer builds its SAM in create_optimizer, which this setup (DeepSpeed?) bypassed")
+        self._micro_batches.append((inputs, num_items_in_batch))
+        with self.sam.first_pass():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the step's last micro-batch: the optimizer steps next
+            batches, self._micro_batches = self._micro_batches, []
+            if self.sam.first_step(zero_grad=True, scaler=self.accelerator.scaler):
+                with running_stats_frozen(model):
+                    for kept, n in batches:
+                        with self.sam.second_pass():
+                            super().training_step(model, kept, n)
+            self.sam.restore()
+        return loss

@@ -69,15 +69,16 @@ class TrainConfig:
     def resolved(self, task: Task) -> "TrainConfig":
         """Fill the unset fields from the task's defaults, and check everything before any work."""
         d = task.defaults
+        # full fine-tuning moves every weight: it needs a far smaller step than LoRA (task default "full_lr")
+        default_lr = d.get("lr", 5e-4) if get_method(self.method).uses_lora else d.get("full_lr", d.get("lr", 5e-4))
         cfg = dataclasses.replace(
             self,
             rank=self.rank if self.rank is not None else d.get("rank", 8),
             alpha=self.alpha if self.alpha is not None else d.get("alpha", 16),
             sigma=self.sigma if self.sigma is not None else d.get("sigma", 0.05),
-            lr=self.lr if self.lr is not None else d.get("lr", 5e-4),
+            lr=self.lr if self.lr is not None else default_lr,
             batch_size=self.batch_size if self.batch_size is not None else d.get("batch_size", 16),
         )
-        get_method(cfg.method)  # unknown method: error before any work
         for name, value in (("rank", cfg.rank), ("batch_size", cfg.batch_size), ("grad_accum", cfg.grad_accum)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
