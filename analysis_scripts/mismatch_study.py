@@ -45,9 +45,9 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
 
 
 def train_all(out: Path, tasks, methods, seeds, steps: dict, progress: bool) -> None:
-    for task in tasks:
-        for seed in seeds:
-            for method in methods:
+    for task in tasks:  # method-major: every seed of the first methods before the next method
+        for method in methods:
+            for seed in seeds:
                 d = run_dir(out, task, method, seed)
                 if (d / "metrics.json").exists():
                     continue

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["batch_loss", "batch_size", "batch_to", "batch_logits_and_labels"]
+__all__ = ["batch_loss", "batch_size", "batch_to", "batch_logits_and_labels", "output_loss"]
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,6 +52,12 @@ def batch_logits_and_labels(model: nn.Module, batch: Any) -> tuple[Any, Optional
 def batch_loss(model: nn.Module, batch: Any, criterion: Optional[Criterion] = None) -> torch.Tensor:
     """Mean loss of ``model`` on one batch (see the module docstring for the two batch shapes)."""
     out, labels = batch_logits_and_labels(model, batch)
+    return output_loss(out, labels, batch, criterion)
+
+
+def output_loss(out: Any, labels: Optional[torch.Tensor], batch: Any, criterion: Optional[Criterion] = None) -> torch.Tensor:
+    """The loss :func:`batch_loss` computes, from the output of :func:`batch_logits_and_labels`
+    (for callers that also need the logits, e.g. for accuracy, without a second forward)."""
     if isinstance(batch, Mapping):
         if criterion is None:
             if getattr(out, "loss", None) is None:

@@ -1,0 +1,189 @@
+"""Benchmark: a 21 × 21 loss plane with ``landscape.loss_plane`` against the ``loss-landscapes`` package's
+``random_plane`` and against 441 bare no-grad forward passes, on digits-mlp and rt-minilm, in one process.
+
+    OMP_NUM_THREADS=1 .venv/bin/python analysis_scripts/benchmarks/bench_plane.py \
+        [--models digits-mlp rt-minilm] [--repeats 5 1]
+
+writes ``figures/bench_plane.md``. Times are the process's CPU time with one thread
+(``OMP_NUM_THREADS=1``), which on a shared machine measures the work done where wall time would
+measure the neighbours' load; each is the best of ``--repeats`` runs per method (one number per
+model), taken round-robin. Where ``random_plane`` fails (it divides by the norm of an all-zero parameter, such as
+BERT's pooler bias), the table says so and times a naive clone-and-evaluate loop instead: one copy of
+the model, θ + α d₁ + β d₂ written into it at every grid point — with the same directions as ours,
+so the two planes are also compared value by value.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from flatlora import TrainConfig, batch_loss, get_task, run  # noqa: E402
+from flatlora.io import atomic_write_text  # noqa: E402
+from flatlora.training import prepare_model  # noqa: E402
+from landscape import Loss, loss_plane, space, symmetric_grid  # noqa: E402
+from landscape.directions import filter_normalized  # noqa: E402
+from landscape.evaluate import PointEvaluator  # noqa: E402
+
+STEPS = 21
+BARE = f"{STEPS * STEPS} bare forward passes (no grad)"
+PEER = "loss-landscapes `random_plane` (all parameters, filter-normalized)"
+NAIVE = "naive clone-and-evaluate loop (all parameters)"
+OURS_ALL = 'ours, `loss_plane(space="all")`'
+
+
+def setup(name: str):
+    """(model in eval mode, one evaluation batch). digits-mlp: a trained Flat-LoRA adapter, the
+    200-example test split as one batch; rt-minilm: LoRA r=8 on query/value (B = 0 as initialised)
+    and 16 test sentences (dynamic padding, ≤ 64 tokens)."""
+    task = get_task(name)
+    if name == "digits-mlp":
+        model, _ = run(TrainConfig(task=name, method="flat-lora"), task=task, progress=False)
+        batch = task.batches("test", 200)[0]
+    else:
+        model = prepare_model(task, TrainConfig(task=name, method="lora").resolved(task))
+        batch = task.batches("test", 16, limit=16)[0]
+    return model.eval(), batch
+
+
+def bare(model, batch):
+    with torch.no_grad():
+        for _ in range(STEPS * STEPS):
+            batch_loss(model, batch)
+
+
+def loss_landscapes_plane(model, batch):
+    import loss_landscapes
+    from loss_landscapes.metrics import Metric
+
+    class BatchLoss(Metric):
+        def __call__(self, wrapper):
+            with torch.no_grad():
+                return float(batch_loss(wrapper.modules[0], batch))
+
+    return loss_landscapes.random_plane(model, BatchLoss(), distance=1, steps=STEPS, normalization="filter",
+                                        deepcopy_model=True)
+
+
+def naive_plane(model, batch, d1, d2):
+    """One copy of the model; at each grid point θ + α d₁ + β d₂ is written into it and evaluated."""
+    clone = copy.deepcopy(model)
+    params = dict(clone.named_parameters())
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    grid = symmetric_grid(1.0, STEPS)
+    out = np.empty((STEPS, STEPS))
+    with torch.no_grad():
+        for i, a in enumerate(grid):
+            for j, b in enumerate(grid):
+                for n, p in params.items():
+                    p.copy_(theta[n]).add_(d1[n], alpha=float(a)).add_(d2[n], alpha=float(b))
+                out[i, j] = float(batch_loss(clone, batch))
+    return out
+
+
+def bench(name: str, repeats: int) -> list[dict]:
+    """Time every method ``repeats`` times, round-robin (so that a change of load hits all alike); keep the best."""
+    model, batch = setup(name)
+    loss = Loss([batch])
+    spaces = {kind: space(model, kind) for kind in ("all", "merged", "lora")}
+    gen = torch.Generator().manual_seed(0)
+    d1, d2 = filter_normalized(spaces["all"], gen), filter_normalized(spaces["all"], gen)
+    methods = {  # label -> (run, the space of ours)
+        BARE: (lambda: bare(model, batch), None),
+        PEER: (lambda: loss_landscapes_plane(model, batch), None),
+        NAIVE: (lambda: naive_plane(model, batch, d1, d2), None),
+        OURS_ALL: (lambda: loss_plane(model, loss, space=spaces["all"], directions=(d1, d2), grid=STEPS,
+                                      progress=False), spaces["all"]),
+    }
+    for kind in ("merged", "lora"):
+        methods[f'ours, `loss_plane(space="{kind}")`'] = (
+            lambda sp=spaces[kind]: loss_plane(model, loss, space=sp, grid=STEPS, progress=False), spaces[kind])
+    methods['ours, `loss_plane(space="merged", batch_points=1)`'] = (
+        lambda: loss_plane(model, loss, space=spaces["merged"], grid=STEPS, batch_points=1, progress=False),
+        spaces["merged"])
+    times = {label: [] for label in methods}
+    results, notes = {}, {PEER: "grid shifted by one step, no origin; sets `requires_grad=False` (on its deep copy here)"}
+    for _ in range(repeats):
+        for label, (fn, _) in methods.items():
+            if notes.get(label, "").startswith("fails"):
+                continue
+            t0 = time.process_time()
+            try:
+                results[label] = fn()
+            except Exception as exc:  # noqa: BLE001 — the peer's failure is a result to report
+                if label != PEER:
+                    raise
+                notes[label] = f"fails: `{type(exc).__name__}: {str(exc)[:80]}`"
+                print(f"{name}: {label}: {notes[label]}", file=sys.stderr, flush=True)
+                continue
+            times[label].append(time.process_time() - t0)
+            print(f"{name}: {label}: {times[label][-1]:.2f} s", file=sys.stderr, flush=True)
+    for label, (_, sp) in methods.items():
+        if sp is not None:
+            notes[label] = f"dim {sp.dim:,}; {_mode(results[label])}"
+    ours = results[OURS_ALL].sort_values(["alpha", "beta"])["loss"].to_numpy()
+    notes[OURS_ALL] += f"; max \\|ours − naive\\| = {np.abs(ours - results[NAIVE].ravel()).max():.1e}"
+    t_bare = min(times[BARE])
+    return [{"model": name, "method": label, "time": min(t) if t else float("nan"),
+             "ratio": (min(t) if t else float("nan")) / t_bare, "note": notes.get(label, "")}
+            for label, t in times.items()]
+
+
+def _mode(frame) -> str:
+    """How the plane's points were evaluated (the frame's ``attrs``)."""
+    if frame.attrs["vectorized"]:
+        return f"vmap, {frame.attrs['points_per_forward']} points per forward"
+    return "loop" + (f" ({frame.attrs['loop_reason']})" if frame.attrs["loop_reason"] else "")
+
+
+def table(rows: list[dict], args) -> str:
+    lines = [
+        "21 × 21 loss plane. Time: CPU seconds of the process (one thread, so that the load of other jobs "
+        f"on the shared machine does not count), best of {'/'.join(map(str, args.repeats))} runs per method "
+        f"(round-robin; per model in order); {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"load average at start {args.load}.",
+        "",
+        "| model | method | CPU time (s) | × bare forwards | note |",
+        "|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        t = "—" if np.isnan(r["time"]) else f"{r['time']:.2f}"
+        x = "—" if np.isnan(r["ratio"]) else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['model']} | {r['method']} | {t} | {x} | {r['note']} |")
+    lines += ["", "Made by `OMP_NUM_THREADS=1 .venv/bin/python analysis_scripts/benchmarks/bench_plane.py "
+              f"--models {' '.join(args.models)} --repeats {' '.join(map(str, args.repeats))}`."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["digits-mlp", "rt-minilm"])
+    parser.add_argument("--repeats", type=int, nargs="+", default=[5, 1],
+                        help="runs per method, one number per model (or one for all); the best is kept")
+    parser.add_argument("--out", default="figures/bench_plane.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # CPU time then measures the work (see the module docstring)
+    args.load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    if len(args.repeats) not in (1, len(args.models)):
+        parser.error("give one --repeats value, or one per model")
+    repeats = args.repeats * len(args.models) if len(args.repeats) == 1 else args.repeats
+    rows = []
+    for name, k in zip(args.models, repeats):
+        rows += bench(name, k)
+        print(table(rows, args), flush=True)
+    atomic_write_text(Path(args.out), table(rows, args))
+
+
+if __name__ == "__main__":
+    main()

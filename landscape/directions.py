@@ -1,0 +1,249 @@
+"""Directions in a space, and the sampler API.
+
+A direction is a dict ``name -> tensor`` shaped like the space's coordinates (:class:`Space`
+``.shapes``). A **sampler** is any callable ``(space, generator) -> direction``; the probes call it
+with a ``torch.Generator`` seeded from their ``seed``, so the same seed gives the same directions —
+for every checkpoint and space of the same shapes (common random numbers). Randomness comes only
+from that generator, never from the global RNG. In the tangent / normal spaces the built-in samplers
+return projected directions (the probes project any offset anyway).
+
+Built-in samplers (pass options with ``functools.partial``):
+
+* :func:`gaussian` — d ~ N(0, I);  :func:`rademacher` — d ∈ {−1, +1} uniformly;
+* :func:`filter_normalized` — Gaussian, then :func:`filter_normalize` (Li et al., 2018);
+* :func:`flat_lora_noise` — ε_ij ~ N(0, σ²‖θ_i‖²/n) per row i (Flat-LoRA, Li et al., ICML 2025);
+* :func:`adaptive_noise` — ε ~ N(0, σ²θ²) elementwise (|θ|-scaled);
+
+and factories of samplers: :func:`gradient` (the ascent direction ∇L), :func:`interpolation`
+(toward another checkpoint). :func:`trajectory_pca` gives the principal directions of a training
+trajectory; :func:`orthogonalize` is one Gram–Schmidt step.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from flatlora import filter_noise_std
+
+from .guard import preserved
+from .loss import Loss
+from .space import Direction, Space, SpaceError
+
+__all__ = [
+    "Sampler", "ONE_D_POLICIES", "gaussian", "rademacher", "filter_normalize", "filter_normalized",
+    "flat_lora_noise", "adaptive_noise", "gradient", "interpolation", "checkpoint_point", "trajectory_pca",
+    "TrajectoryPCA", "orthogonalize", "sample",
+]
+
+Sampler = Callable[[Space, torch.Generator], Direction]
+Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+
+#: what filter normalization and filter noise do with 1-D tensors (biases, norm-layer weights):
+#: ``"zero"`` — leave them unperturbed (Li et al.'s default); ``"filter"`` — treat the vector as one filter
+ONE_D_POLICIES = ("zero", "filter")
+
+
+def _draw(space: Space, generator: torch.Generator, draw: Callable[[torch.Size, torch.Generator], torch.Tensor]) -> Direction:
+    point = space.point()
+    out = {n: draw(space.shapes[n], generator).to(device=point[n].device, dtype=point[n].dtype) for n in space.names}
+    return space.project(out)
+
+
+def gaussian(space: Space, generator: torch.Generator) -> Direction:
+    """d ~ N(0, I) in every coordinate (projected in tangent / normal)."""
+    return _draw(space, generator, lambda shape, g: torch.randn(shape, generator=g))
+
+
+def rademacher(space: Space, generator: torch.Generator) -> Direction:
+    """d_i = ±1 with probability ½ each (projected in tangent / normal)."""
+    return _draw(space, generator, lambda shape, g: torch.randint(0, 2, shape, generator=g).mul_(2).sub_(1).float())
+
+
+def _check_policy(one_d: str) -> None:
+    if one_d not in ONE_D_POLICIES:
+        raise ValueError(f"unknown 1-D policy {one_d!r}; choose one of {ONE_D_POLICIES}")
+
+
+def _row_scale(target_norms: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    return torch.where(norms > 0, target_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+
+
+def filter_normalize(space: Space, d: Mapping[str, torch.Tensor], *, one_d: str = "zero") -> Direction:
+    """Filter normalization (Li et al., NeurIPS 2018, "Visualizing the loss landscape of neural nets"):
+    d_i ← d_i · ‖θ_i‖ / ‖d_i‖ for every row i (a filter: one output unit; for a conv kernel, one output
+    channel) of every tensor with two or more dimensions.
+
+    1-D tensors follow ``one_d``: ``"zero"`` (default, Li et al.) sets them to 0, ``"filter"`` rescales
+    the whole vector to ‖θ‖. In tangent / normal, rescaling rows would leave the subspace, so each
+    projected merged weight is rescaled as a whole: ‖d_ℓ‖_F = ‖θ_ℓ‖_F (the total a row-wise
+    normalization would give).
+    """
+    _check_policy(one_d)
+    space.check(d)
+    theta = space.point()
+    d = space.project(d)
+    out = {}
+    for n in space.names:
+        t, w = d[n], theta[n]
+        if (space.projected and n in space.merged_names) or (t.dim() == 1 and one_d == "filter"):
+            out[n] = t * _row_scale(w.norm(), t.norm())
+        elif t.dim() <= 1:
+            out[n] = torch.zeros_like(t)
+        else:
+            scale = _row_scale(w.flatten(1).norm(dim=1), t.flatten(1).norm(dim=1))
+            out[n] = t * scale.view(-1, *([1] * (t.dim() - 1)))
+    return out
+
+
+def filter_normalized(space: Space, generator: torch.Generator, *, one_d: str = "zero") -> Direction:
+    """A Gaussian direction, filter-normalized (:func:`filter_normalize`): Li et al.'s random direction."""
+    _check_policy(one_d)
+    return filter_normalize(space, gaussian(space, generator), one_d=one_d)
+
+
+def flat_lora_noise(space: Space, generator: torch.Generator, *, sigma: float = 1.0, one_d: str = "zero") -> Direction:
+    """Flat-LoRA's filter-wise noise (Li et al., ICML 2025): ε_ij ~ N(0, std_i²), std_i = σ·‖θ_i‖₂/√n for
+    row i of an m×n tensor (:func:`flatlora.filter_noise_std`); 1-D tensors per ``one_d`` (``"filter"``:
+    std = σ‖θ‖/√n for the vector). Projected in tangent / normal."""
+    _check_policy(one_d)
+    theta = space.point()
+    out = {}
+    for n in space.names:
+        w = theta[n]
+        z = torch.randn(w.shape, generator=generator).to(device=w.device, dtype=w.dtype)
+        if w.dim() == 1:
+            std = filter_noise_std(w.unsqueeze(0), sigma) if one_d == "filter" else torch.zeros(1, device=w.device)
+            out[n] = z * std.to(w.dtype)
+        else:
+            out[n] = z * filter_noise_std(w, sigma).to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+    return space.project(out)
+
+
+def adaptive_noise(space: Space, generator: torch.Generator, *, sigma: float = 1.0) -> Direction:
+    """|θ|-scaled noise: ε = σ·|θ| ⊙ z, z ~ N(0, I) (the elementwise scale of adaptive sharpness,
+    Kwon et al., 2021; Andriushchenko et al., 2023). Projected in tangent / normal."""
+    theta = space.point()
+    z = gaussian(space, generator)
+    return space.project({n: sigma * theta[n].abs() * z[n] for n in space.names})
+
+
+def gradient(loss: Loss, *, normalize: bool = True) -> Sampler:
+    """A sampler returning the gradient ∇L(θ) in the space (the ascent direction; in tangent / normal
+    the projected gradient P∇L), of unit norm if ``normalize``. The generator is not used."""
+    from .evaluate import value_and_grad
+
+    def sample_gradient(space: Space, generator: torch.Generator) -> Direction:
+        with preserved(space.model):
+            _, g = value_and_grad(space, loss, space.zeros())
+        if normalize:
+            norm = space.norm(g)
+            if norm == 0:
+                raise ValueError("the gradient is zero: it gives no direction")
+            g = {n: t / norm for n, t in g.items()}
+        return g
+
+    return sample_gradient
+
+
+def _state(checkpoint: Checkpoint, model: nn.Module) -> Mapping[str, torch.Tensor]:
+    if isinstance(checkpoint, nn.Module):
+        return {n: p.detach() for n, p in checkpoint.named_parameters()}
+    if isinstance(checkpoint, (str, os.PathLike)):
+        if Path(checkpoint).is_dir():  # a peft adapter folder: loaded into a copy, by peft's public API
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            clone = copy.deepcopy(model)
+            set_peft_model_state_dict(clone, load_peft_weights(str(checkpoint), device="cpu"),
+                                      adapter_name=getattr(model, "active_adapter", "default"))
+            return {n: p.detach() for n, p in clone.named_parameters()}
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, Mapping):
+        return checkpoint
+    raise TypeError("a checkpoint is a model, a state dict, the path of a saved state dict or a peft adapter "
+                    f"folder, got {type(checkpoint).__name__}")
+
+
+def checkpoint_point(space: Space, checkpoint: Checkpoint) -> Direction:
+    """The coordinates of ``checkpoint`` in ``space``: a model of the same architecture (e.g. from
+    :func:`flatlora.load_run`), a state dict in the model's parameter names (partial: the rest is the
+    model's), the path of one saved with ``torch.save``, or a peft adapter folder (``save_pretrained``;
+    a run's ``OUT/adapter``)."""
+    return space.point_at(_state(checkpoint, space.model))
+
+
+def interpolation(target: Checkpoint) -> Sampler:
+    """A sampler returning d = θ_target − θ (projected): L(θ + α d) interpolates from the model (α = 0)
+    to the checkpoint (α = 1) — Goodfellow et al., 2015."""
+
+    def toward(space: Space, generator: torch.Generator) -> Direction:
+        end, start = checkpoint_point(space, target), space.point()
+        return space.project({n: end[n] - start[n] for n in space.names})
+
+    return toward
+
+
+@dataclass
+class TrajectoryPCA:
+    """Principal directions of a trajectory: ``directions`` (unit norm, orthogonal), the
+    ``explained_variance_ratio`` of each, and ``coordinates`` — each checkpoint's projection onto
+    them (columns ``checkpoint``, ``alpha``, ``beta`` …), to draw the path over a :func:`loss_plane`."""
+
+    directions: list[Direction]
+    explained_variance_ratio: np.ndarray
+    coordinates: pd.DataFrame
+
+
+def trajectory_pca(space: Space, checkpoints: Sequence[Checkpoint], *, k: int = 2) -> TrajectoryPCA:
+    """PCA of a training trajectory (Li et al., 2018, §7): with θ the model's point (the final one),
+    M = [θ_0 − θ; …; θ_T − θ] (projected in tangent / normal), centred by columns; its top-k right
+    singular vectors are the directions, s_j² / Σ s² the explained variance ratios."""
+    if k < 1 or len(checkpoints) < max(2, k):
+        raise ValueError(f"trajectory_pca needs k >= 1 and at least max(2, k) checkpoints, got k={k}, {len(checkpoints)}")
+    final = space.point()
+    diffs = []
+    for c in checkpoints:
+        p = checkpoint_point(space, c)
+        diffs.append(space.to_vector(space.project({n: p[n] - final[n] for n in space.names})).double())
+    m = torch.stack(diffs)
+    _, s, vh = torch.linalg.svd(m - m.mean(0), full_matrices=False)
+    if s[k - 1] <= s[0] * 1e-12:
+        raise ValueError(f"the trajectory spans fewer than {k} dimensions")
+    dtype = next(iter(final.values())).dtype
+    directions = [space.from_vector(vh[j].to(dtype)) for j in range(k)]
+    coords = (m @ vh[:k].t()).numpy()
+    axes = ["alpha", "beta"] + [f"c{j}" for j in range(2, k)]
+    frame = pd.DataFrame(coords, columns=axes[:k])
+    frame.insert(0, "checkpoint", range(len(checkpoints)))
+    return TrajectoryPCA(directions, (s[:k] ** 2 / (s ** 2).sum()).numpy(), frame)
+
+
+def orthogonalize(space: Space, d1: Mapping[str, torch.Tensor], d2: Mapping[str, torch.Tensor]) -> Direction:
+    """One Gram–Schmidt step: d2 − (⟨d2, d1⟩/⟨d1, d1⟩) d1, rescaled to ‖d2‖ (so a normalization's scale
+    survives)."""
+    n11, n22 = space.inner(d1, d1), space.inner(d2, d2)
+    if n11 == 0 or n22 == 0:
+        raise ValueError("cannot orthogonalize with a zero direction")
+    out = {n: d2[n] - (space.inner(d2, d1) / n11) * d1[n] for n in space.names}
+    norm = space.norm(out)
+    if norm <= n22.sqrt() * 1e-6:
+        raise ValueError("d2 is parallel to d1: nothing is left after orthogonalizing")
+    return {n: t * (n22.sqrt() / norm) for n, t in out.items()}
+
+
+def sample(sampler: Union[Sampler, Mapping[str, torch.Tensor]], space: Space, generator: torch.Generator,
+           what: str = "direction") -> Direction:
+    """A direction from a sampler (or a given direction), checked against the space."""
+    d = dict(sampler) if isinstance(sampler, Mapping) else sampler(space, generator)
+    if not isinstance(d, Mapping):
+        raise SpaceError(f"a sampler must return a dict name -> tensor, {sampler!r} returned {type(d).__name__}")
+    space.check(d, what)
+    return d

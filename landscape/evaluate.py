@@ -1,0 +1,185 @@
+"""Evaluating a :class:`Loss` at offsets in a :class:`Space`: one point with its gradient, or many points
+at once; and the partial-results file that makes long probes resumable.
+
+:class:`PointEvaluator` evaluates L(θ + δ_p) for a stack of offsets δ_1 … δ_P. Where the model
+allows it (``torch.func.vmap`` over :meth:`Space.at`) and it pays (small models such as the digits
+MLP, where Python overhead dominates a forward pass), the P points share one vectorized forward;
+otherwise — vmap fails (``train_mode`` with dropout or BatchNorm, data-dependent control flow) or is
+slower (MiniLM on CPU: batched products of per-point weights are slower than plain ones) — it loops,
+decided once on the first chunk. The results are the same either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from flatlora.io import atomic_write_json, read_json
+
+from .loss import Loss
+from .space import Direction, Space
+
+__all__ = ["value_and_grad", "PointEvaluator", "ResultsFile", "fingerprint", "VMAP_MAX_FLOATS"]
+
+#: the auto choice of points per vectorized forward keeps P · dim under this many floats
+VMAP_MAX_FLOATS = 2**24
+_MAX_POINTS = 32
+
+
+def value_and_grad(space: Space, loss: Loss, delta: Direction) -> tuple[float, Direction]:
+    """L(θ + Pδ) and its gradient with respect to δ, accumulated batch by batch (one batch's graph
+    in memory at a time), in the loss's mode. The model's ``.grad`` fields are not touched."""
+    model = space.model
+    leaves = {n: delta[n].detach().requires_grad_() for n in space.names}
+    grad = {n: torch.zeros_like(t) for n, t in leaves.items()}
+    value = 0.0
+    with loss.mode(model), torch.enable_grad():
+        device = next(iter(leaves.values())).device
+        for batch, w in zip(loss.on(device), loss.weights):
+            with space.at(leaves):
+                v = loss.batch_value(model, batch) * (w / loss.total)
+                parts = torch.autograd.grad(v, [leaves[n] for n in space.names], allow_unused=True)
+            value += float(v.detach())
+            for n, g in zip(space.names, parts):
+                if g is not None:
+                    grad[n] += g
+    return value, grad
+
+
+class PointEvaluator:
+    """L and accuracy at many offsets of one space, ``points_per_call`` per forward where that pays.
+
+    With ``batch_points=None`` it tries ``torch.func.vmap`` on the first chunk of points and times it
+    against one looped point, and keeps whichever is faster (see the module docstring); an explicit
+    ``batch_points > 1`` always vectorizes unless vmap fails. Either way the numbers are the same.
+
+    Use it as a context manager: inside, gradients are off and the model is in the loss's mode (set
+    once for all the points, not per point)::
+
+        with PointEvaluator(space, loss) as evaluate:
+            losses, accuracies = evaluate(offsets)
+
+    Args:
+        space, loss: where and what to evaluate.
+        batch_points: points per vectorized forward; ``None`` picks min(32, 2**24 // dim) and times it
+            (1 — a plain loop — in ``train_mode``); 1 disables vectorization.
+    """
+
+    def __init__(self, space: Space, loss: Loss, batch_points: Optional[int] = None):
+        self.timed = batch_points is None  # auto: vmap only where it beats the loop
+        if batch_points is None:
+            batch_points = 1 if loss.train_mode else max(1, min(_MAX_POINTS, VMAP_MAX_FLOATS // max(space.dim, 1)))
+        if int(batch_points) < 1:
+            raise ValueError(f"batch_points must be >= 1, got {batch_points}")
+        self.space, self.loss = space, loss
+        self.points_per_call = int(batch_points)
+        self.vectorized: Optional[bool] = None if self.points_per_call > 1 else False
+        self.fallback_reason: Optional[str] = None
+        self._stack: Optional[contextlib.ExitStack] = None
+        self._out: Optional[dict[str, torch.Tensor]] = None  # θ + δ of the looped points, reused
+
+    def __enter__(self) -> "PointEvaluator":
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(torch.no_grad())
+        self._stack.enter_context(self.loss.mode(self.space.model))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._stack, self._out = None, None
+
+    def _point(self, delta: Direction, out: Optional[Direction] = None) -> torch.Tensor:
+        """[L(θ + Pδ), number correct (NaN when the task has no accuracy)] for one offset."""
+        model, loss = self.space.model, self.loss
+        value, correct, has_accuracy = 0.0, 0.0, True
+        with self.space.at(delta, out=out):
+            for batch, w in zip(loss.on(next(iter(delta.values())).device), loss.weights):
+                v, c = loss.batch_outputs(model, batch)
+                value = value + v * (w / loss.total)
+                if c is None:
+                    has_accuracy = False
+                else:
+                    correct = correct + c
+        accuracy = correct / loss.total if has_accuracy else torch.tensor(float("nan"))
+        return torch.stack([torch.as_tensor(value, dtype=torch.float64), torch.as_tensor(accuracy, dtype=torch.float64)])
+
+    def _looped(self, offsets: Direction, count: int) -> torch.Tensor:
+        if self._out is None:
+            self._out = {n: torch.empty_like(offsets[n][0]) for n in self.space.parameter_names}
+        return torch.stack([self._point({n: t[i] for n, t in offsets.items()}, self._out) for i in range(count)])
+
+    def __call__(self, offsets: Direction) -> tuple[np.ndarray, np.ndarray]:
+        """Losses and accuracies (NaN: none) at the offsets stacked along dim 0 of every tensor."""
+        if self._stack is None:
+            raise RuntimeError("use the evaluator inside `with PointEvaluator(space, loss) as evaluate:`")
+        count = next(iter(offsets.values())).shape[0]
+        out = None
+        if count > 1 and self.vectorized is not False:
+            try:
+                start = time.perf_counter()
+                out = torch.func.vmap(self._point)(offsets)
+                per_point = (time.perf_counter() - start) / count
+            except Exception as exc:  # noqa: BLE001 — any failure of the first vmap means "not vmappable"
+                if self.vectorized:
+                    raise
+                self.vectorized, self.fallback_reason = False, f"{type(exc).__name__}: {exc}"
+            else:
+                if self.vectorized is None and self.timed:  # first chunk: keep vmap if it beats the loop
+                    start = time.perf_counter()
+                    self._looped(offsets, 1)
+                    looped = time.perf_counter() - start
+                    if per_point >= looped:
+                        self.fallback_reason = f"vmap {per_point * 1e3:.1f} ms per point, loop {looped * 1e3:.1f} ms"
+                self.vectorized = self.fallback_reason is None
+        if out is None:
+            out = self._looped(offsets, count)
+        out = out.cpu().numpy()
+        return out[:, 0], out[:, 1]
+
+
+def fingerprint(space: Space, d: Direction) -> str:
+    """A short hash of a direction's values (to check that a resumed probe uses the same directions)."""
+    v = space.to_vector(d).detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha1(v.tobytes()).hexdigest()[:16]
+
+
+class ResultsFile:
+    """A probe's partial results: ``{"meta": …, "rows": […]}`` written atomically, so that a probe
+    stopped at any time resumes where it was. A file made by another probe (other ``meta``: space,
+    grid, directions, seed, batches…) is an error, found before any work."""
+
+    def __init__(self, path: Optional[str], meta: dict[str, Any], min_interval_s: float = 2.0):
+        self.path = Path(path) if path is not None else None
+        self.meta = meta
+        self.rows: list[dict] = []
+        self.min_interval_s = min_interval_s
+        self._last_save = time.monotonic()
+        if self.path is not None and self.path.exists():
+            saved = read_json(self.path)
+            # compare through JSON so that tuples, numpy floats … compare as they were written
+            mine = _json_roundtrip(meta)
+            if saved.get("meta") != mine:
+                diff = sorted(k for k in set(mine) | set(saved.get("meta", {})) if saved.get("meta", {}).get(k) != mine.get(k))
+                raise ValueError(f"{self.path} holds results of another probe (differs in {diff}); "
+                                 "delete it or pass another results_path")
+            self.rows = saved["rows"]
+
+    def add(self, rows: list[dict], *, final: bool = False) -> None:
+        self.rows.extend(rows)
+        if self.path is not None and (final or time.monotonic() - self._last_save >= self.min_interval_s):
+            self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"meta": self.meta, "rows": self.rows})
+            self._last_save = time.monotonic()
+
+
+def _json_roundtrip(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

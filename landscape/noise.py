@@ -1,0 +1,136 @@
+"""Expected loss under weight noise: ΔL(σ) = E_ε L(θ + ε) − L(θ), by Monte Carlo with a t-interval.
+
+Noise models (``noise=``), each in any space (projected in tangent / normal):
+
+* ``"filter"`` — Flat-LoRA's filter-wise noise, ε_ij ~ N(0, σ²‖θ_i‖²/n) per row i
+  (:func:`~landscape.directions.flat_lora_noise`; Li et al., ICML 2025);
+* ``"isotropic"`` — ε ~ N(0, σ²I);
+* ``"adaptive"`` — ε ~ N(0, σ² diag θ²) (|θ|-scaled).
+
+For a quadratic loss, ΔL(σ) = ½ E[εᵀHε], which for isotropic noise is ½σ²·Tr H — exactly; for a
+smooth loss, approximately at small σ.
+
+Sample k is σ·z_k with z_k drawn from a generator seeded with ``flatlora.noise_seed(seed, k, 0)``:
+the same seed gives the same draws for every σ, every checkpoint and every space of the same shapes
+(common random numbers, so differences between checkpoints are paired). Sampling stops at the
+first n ≥ ``min_samples`` with half-width t_{(1+c)/2, n−1}·s/√n ≤ max(rtol·|mean|, atol), or at
+``max_samples``; the stopping point does not depend on how many samples are evaluated per forward.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flatlora import noise_seed
+
+from .directions import adaptive_noise, flat_lora_noise, gaussian
+from .evaluate import PointEvaluator
+from .guard import preserved
+from .loss import Loss
+from .space import Selector, Space, as_space
+
+__all__ = ["expected_loss", "NOISES", "t_interval"]
+
+NOISES = {
+    "filter": flat_lora_noise,
+    "isotropic": gaussian,
+    "adaptive": adaptive_noise,
+}
+
+
+def t_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width) of the Student-t confidence interval of the mean of ``samples`` (n ≥ 2)."""
+    n = len(samples)
+    half = scipy.stats.t.ppf(0.5 + confidence / 2, n - 1) * np.std(samples, ddof=1) / math.sqrt(n)
+    return float(np.mean(samples)), float(half)
+
+
+def _stop_at(samples: np.ndarray, start: int, min_samples: int, rtol: float, atol: float, confidence: float) -> Optional[int]:
+    """The first n in (start, len] at which the interval is tight enough, else None."""
+    for n in range(max(start + 1, min_samples), len(samples) + 1):
+        mean, half = t_interval(samples[:n], confidence)
+        if half <= max(rtol * abs(mean), atol):
+            return n
+    return None
+
+
+def expected_loss(
+    model: nn.Module,
+    loss: Loss,
+    *,
+    space: Union[Space, Selector] = "merged",
+    sigmas: Sequence[float],
+    noise: str = "filter",
+    seed: int = 0,
+    max_samples: int = 64,
+    min_samples: int = 8,
+    rtol: float = 0.1,
+    atol: float = 0.0,
+    confidence: float = 0.95,
+    one_d: str = "zero",
+    batch_points: Optional[int] = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """ΔL(σ) = E_ε L(θ + ε) − L(θ) for each σ (see the module docstring for noise and stopping).
+
+    Args:
+        sigmas: noise scales σ > 0.
+        noise: ``"filter"``, ``"isotropic"`` or ``"adaptive"``.
+        seed: common-random-numbers seed.
+        max_samples, min_samples: sample cap and minimum (2 ≤ min ≤ max).
+        rtol, atol: stop when the interval half-width ≤ max(rtol·|ΔL|, atol).
+        confidence: of the t-interval.
+        one_d: the 1-D policy of filter noise (see :data:`~landscape.directions.ONE_D_POLICIES`).
+
+    Returns:
+        DataFrame, one row per σ: ``space``, ``noise``, ``sigma``, ``delta_loss`` (the mean increase),
+        ``ci_low``, ``ci_high``, ``half_width``, ``std``, ``samples``, ``converged``, ``base_loss``,
+        ``accuracy`` (mean accuracy under noise; NaN when the task has none).
+    """
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a landscape.Loss, got {type(loss).__name__}")
+    if noise not in NOISES:
+        raise ValueError(f"unknown noise {noise!r}; choose one of {sorted(NOISES)}")
+    sigmas = [float(s) for s in np.atleast_1d(np.asarray(sigmas, dtype=float))]
+    if not sigmas or not all(math.isfinite(s) and s > 0 for s in sigmas):
+        raise ValueError(f"sigmas must be finite numbers > 0, got {sigmas}")
+    if not (2 <= int(min_samples) <= int(max_samples)):
+        raise ValueError(f"need 2 <= min_samples <= max_samples, got min_samples={min_samples}, max_samples={max_samples}")
+    if rtol < 0 or atol < 0 or not 0 < confidence < 1:
+        raise ValueError(f"need rtol >= 0, atol >= 0 and 0 < confidence < 1, got {rtol}, {atol}, {confidence}")
+    draw = NOISES[noise] if noise != "filter" else functools.partial(flat_lora_noise, one_d=one_d)
+    sp = as_space(model, space)
+    rows = []
+    with preserved(model):
+        base = loss.evaluate(model)["loss"]
+        with PointEvaluator(sp, loss, batch_points) as evaluator, \
+                tqdm(total=len(sigmas) * max_samples, desc=f"expected_loss[{sp.kind}]", disable=not progress,
+                     dynamic_ncols=True) as bar:
+            for sigma in sigmas:
+                increases, accuracies, stop = np.empty(0), np.empty(0), None
+                while stop is None and len(increases) < max_samples:
+                    first = len(increases)
+                    count = min(evaluator.points_per_call, max_samples - first)
+                    draws = [draw(sp, torch.Generator().manual_seed(noise_seed(seed, k, 0))) for k in range(first, first + count)]
+                    offsets = {n: torch.stack([d[n] for d in draws]).mul_(sigma) for n in sp.names}
+                    values, acc = evaluator(offsets)
+                    increases = np.concatenate([increases, values - base])
+                    accuracies = np.concatenate([accuracies, acc])
+                    stop = _stop_at(increases, first, int(min_samples), rtol, atol, confidence)
+                    bar.update(count)
+                n = stop or len(increases)
+                bar.update(max_samples - len(increases))
+                mean, half = t_interval(increases[:n], confidence)
+                rows.append({"space": sp.kind, "noise": noise, "sigma": sigma, "delta_loss": mean,
+                             "ci_low": mean - half, "ci_high": mean + half, "half_width": half,
+                             "std": float(np.std(increases[:n], ddof=1)), "samples": n, "converged": stop is not None,
+                             "base_loss": base, "accuracy": float(np.mean(accuracies[:n]))})
+    return pd.DataFrame(rows)
