@@ -136,8 +136,8 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
         if (res / "robustness.csv").exists():
             sections += ["### Robustness to messy input", "", robustness_section(pd.read_csv(res / "robustness.csv")), ""]
         sections += ["### Error analysis: LoRA vs Flat-LoRA", "", error_section(out, task, seeds), ""]
-        sections += ["### Figures", ""] + [f"![{p.stem}]({Path(os.path.relpath(p, results)).as_posix()})"
-                                           for p in made if p.suffix == ".png"] + [""]
+        pngs = [f"![{p.stem}]({Path(os.path.relpath(p, results)).as_posix()})" for p in made if p.suffix == ".png"]
+        sections += (["### Figures", ""] + pngs + [""]) if pngs else []
     path = results / "report.md"
     atomic_write_text(path, "\n".join(sections))
     return path
