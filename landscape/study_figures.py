@@ -84,17 +84,23 @@ def fig_expected_loss(probes: pd.DataFrame, *, task: str = "") -> Figure:
     return fig
 
 
+def _grouped_bars(ax, frame: pd.DataFrame, category: str, categories: Sequence[str], value: str,
+                  methods: Sequence[str]) -> None:
+    """One bar per (category, method): the mean of ``value`` over seeds, with ± std error bars."""
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        g = frame[frame["method"] == m].groupby(category)[value].agg(["mean", "std"]).reindex(categories)
+        ax.bar(np.arange(len(categories)) + (j - (len(methods) - 1) / 2) * width, g["mean"], width,
+               yerr=g["std"].fillna(0), capsize=2, label=m)
+
+
 def fig_eigenvalues(probes: pd.DataFrame, *, task: str = "") -> Figure:
     sel = probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1)]
     spaces = _present(sel["space"], SPACE_ORDER)
     methods = _present(sel["method"], METHOD_ORDER)
     fig, axes = _panels(1, 1.6 + 1.3 * len(spaces), 3.4)
     ax = axes[0]
-    width = 0.8 / max(len(methods), 1)
-    for j, m in enumerate(methods):
-        g = sel[sel["method"] == m].groupby("space")["value"].agg(["mean", "std"]).reindex(spaces)
-        ax.bar(np.arange(len(spaces)) + (j - (len(methods) - 1) / 2) * width, g["mean"], width,
-               yerr=g["std"].fillna(0), capsize=2, label=m)
+    _grouped_bars(ax, sel, "space", spaces, "value", methods)
     ax.set_xticks(np.arange(len(spaces)), spaces)
     ax.set_yscale("log")
     ax.set_ylabel("top Hessian eigenvalue λ₁")
@@ -131,11 +137,7 @@ def fig_robustness(robust: pd.DataFrame, *, task: str = "") -> Figure:
     methods = _present(robust["method"], METHOD_ORDER)
     fig, axes = _panels(1, 2 + 0.9 * len(conditions), 3.4)
     ax = axes[0]
-    width = 0.8 / max(len(methods), 1)
-    for j, m in enumerate(methods):
-        g = robust[robust["method"] == m].groupby("condition")["drop"].agg(["mean", "std"]).reindex(conditions)
-        ax.bar(np.arange(len(conditions)) + (j - (len(methods) - 1) / 2) * width, g["mean"], width,
-               yerr=g["std"].fillna(0), capsize=2, label=m)
+    _grouped_bars(ax, robust, "condition", conditions, "drop", methods)
     ax.set_xticks(np.arange(len(conditions)), conditions, rotation=30, ha="right")
     ax.set_ylabel("accuracy drop (clean − corrupted)")
     ax.set_title(f"{task}: robustness to messy input (mean ± std over seeds)")
