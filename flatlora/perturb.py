@@ -29,8 +29,6 @@ import contextlib
 from typing import Iterator, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 import torch
-from torch import nn
-
 from .lora_view import LoRALayerView
 
 __all__ = ["DeltaSource", "SeededGaussian", "perturbed", "PerturbationError", "MODES"]
@@ -219,11 +217,3 @@ def perturbed(
                     view.weight_param.sub_(view.to_stored(d).to(view.weight_param.dtype))
                     del view.base_layer._flatlora_inplace
 
-
-def all_views(model_or_views: Union[nn.Module, Sequence[LoRALayerView]]) -> list[LoRALayerView]:
-    """Accept a model or a list of views (helper for APIs that take either)."""
-    if isinstance(model_or_views, nn.Module):
-        from .lora_view import lora_layers
-
-        return lora_layers(model_or_views)
-    return list(model_or_views)
