@@ -11,6 +11,7 @@ The pieces, one module each:
 * :func:`get_task` — real tasks available offline (``rt-minilm``, ``r8-minilm``, ``digits-mlp``,
   ``tiny-t5-repeat``, ``custom``).
 """
+from . import distributed
 from .batches import batch_loss, batch_size
 from .flat_lora import FlatLoRA, filter_noise_std, noise_seed, sigma_schedule
 from .lora_view import LoRALayerView, UnsupportedAdapterError, lora_layers

@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .lora_view import lora_layers
 from .perturb import MODES, SeededGaussian, perturbed
 
@@ -59,12 +60,6 @@ def noise_seed(seed: int, step: int, layer: int, rank: int = 0) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _default_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 class FlatLoRA:
     """Flat-LoRA's filter-wise weight noise for a peft LoRA model.
 
@@ -85,8 +80,11 @@ class FlatLoRA:
         schedule: ``"cosine"`` (default), ``"linear"`` or ``"constant"``.
         seed: the noise seed; the generator for layer ℓ at step t is seeded from (seed, t, ℓ, rank).
         mode: ``"exact"`` (base weights never written) or ``"inplace"`` (the reference code's path).
-        rank: the process rank mixed into the seed (default: the torch.distributed rank, else 0);
-            ``shared_noise=True`` uses the same noise on every rank.
+        rank: the process rank mixed into the seed (default: :func:`flatlora.distributed.rank`, 0 in
+            one process). Under data parallelism every rank then draws its own ε (independent
+            noise: the averaged gradient sees W noise samples per step).
+        shared_noise: use rank 0's noise on every rank instead (then W processes with batch b
+            compute exactly what one process computes with batch W·b).
     """
 
     def __init__(
@@ -116,7 +114,7 @@ class FlatLoRA:
         self.seed = int(seed)
         self.mode = mode
         self.shared_noise = shared_noise
-        self.rank = 0 if shared_noise else (_default_rank() if rank is None else int(rank))
+        self.rank = 0 if shared_noise else (distributed.rank() if rank is None else int(rank))
 
     def sigma_at(self, step: int) -> float:
         """σ_t for optimizer step ``step``."""

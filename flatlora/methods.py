@@ -5,7 +5,9 @@ loss weighted by its share of the step's samples, so k accumulated micro-batches
 one batch k times the size), gradient clipping, the optimizer update and the LR schedule.
 Subclasses change what forward and backward see (Flat-LoRA's noise) or how many passes a step takes
 (the SAM family). With a GradScaler and an autocast dtype it trains in mixed precision (the
-gradients unscaled once, before clipping; a step with inf/NaN gradients skipped). The plain loop
+gradients unscaled once, before clipping; a step with inf/NaN gradients skipped). Given a
+``DistributedDataParallel`` wrapper of the model it trains data-parallel: gradients are averaged
+over the ranks once per step, in the backward of the step's last micro-batch. The plain loop
 (:mod:`flatlora.training`) and scripts pick a runner by method name from :data:`METHODS`.
 
 =============  ====================================================================================
@@ -30,6 +32,7 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 import torch
 from torch import nn
 
+from . import distributed
 from .batches import batch_loss, batch_size
 from .flat_lora import FlatLoRA
 from .sam import SAM_VARIANTS, build_sam, running_stats_frozen
@@ -49,7 +52,13 @@ class StepRunner:
 
     Mixed precision: ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward passes under
     ``torch.autocast``; ``scaler`` (a ``torch.amp.GradScaler``) scales the losses, unscales the
-    gradients once before clipping, and skips a step whose gradients are not finite."""
+    gradients once before clipping, and skips a step whose gradients are not finite.
+
+    Data parallelism: ``ddp`` is ``model`` wrapped in ``DistributedDataParallel`` (see
+    :func:`flatlora.distributed.wrap_ddp`). Forward passes go through it, under ``no_sync()`` for
+    every micro-batch but the step's last, so DDP averages the accumulated gradients over the ranks
+    once per step; ``model`` stays the inner module (what Flat-LoRA and SAM perturb). The loss a
+    step returns is then the mean over the ranks."""
 
     def __init__(
         self,
@@ -61,10 +70,12 @@ class StepRunner:
         scheduler: Optional[Any] = None,
         scaler: Optional[torch.amp.GradScaler] = None,
         autocast_dtype: Optional[torch.dtype] = None,
+        ddp: Optional[nn.Module] = None,
     ):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.max_grad_norm, self.scheduler = max_grad_norm, scheduler
         self.scaler, self.autocast_dtype = scaler, autocast_dtype
+        self.ddp = ddp
 
     def perturbation(self, step: int) -> ContextManager:
         """What forward and backward see at optimizer step ``step`` (nothing special by default)."""
@@ -76,19 +87,29 @@ class StepRunner:
             return contextlib.nullcontext()
         return torch.autocast(next(self.model.parameters()).device.type, dtype=self.autocast_dtype)
 
-    def accumulate(self, micro_batches: Sequence[Any], step: int) -> float:
+    def accumulate(self, micro_batches: Sequence[Any], step: int, *, sync: bool = True) -> float:
         """Forward and backward over all micro-batches, gradients summed with weights n_i / Σn.
-        Returns the sample-weighted mean loss."""
+        Returns this rank's sample-weighted mean loss. Under DDP the last micro-batch's backward
+        averages the gradients over the ranks, unless ``sync=False`` (then each rank keeps its own)."""
         total = sum(batch_size(b) for b in micro_batches)
+        forward = self.model if self.ddp is None else self.ddp
         loss_sum = 0.0
-        for b in micro_batches:
+        for i, b in enumerate(micro_batches):
             share = batch_size(b) / total
-            with self.perturbation(step):
+            with self._grad_sync(sync and i == len(micro_batches) - 1), self.perturbation(step):
                 with self.autocast():
-                    loss = self.loss_fn(self.model, b)
+                    loss = self.loss_fn(forward, b)
                 (loss * share if self.scaler is None else self.scaler.scale(loss * share)).backward()
             loss_sum += float(loss.detach()) * share
         return loss_sum
+
+    def _grad_sync(self, sync: bool) -> ContextManager:
+        """DDP's ``no_sync()`` unless ``sync`` (nothing in one process)."""
+        return contextlib.nullcontext() if self.ddp is None or sync else self.ddp.no_sync()
+
+    def _step_loss(self, loss: float) -> float:
+        """The step's loss over every rank's samples: the mean over the ranks under DDP."""
+        return loss if self.ddp is None else distributed.mean_over_ranks(loss)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -112,7 +133,7 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.accumulate(micro_batches, step)
         self.update()
-        return loss
+        return self._step_loss(loss)
 
 
 class FlatLoRAStep(StepRunner):
@@ -136,6 +157,10 @@ class SAMStep(StepRunner):
     usual clip, optimizer step and LR schedule. With a GradScaler, a first gradient that is not
     finite skips the second pass and the step. Returns the loss at θ.
 
+    Under DDP the first pass is never synced: ε comes from each rank's own gradient, or from their
+    mean when the SAM object's ``gradient`` is ``"global"`` (see :mod:`flatlora.sam`); the second
+    pass is synced as in plain training.
+
     Args: ``sam`` — a :class:`flatlora.SAM` or :class:`flatlora.MergedSAM` around ``optimizer``."""
 
     def __init__(self, model, optimizer, *, sam, **kwargs):
@@ -156,13 +181,13 @@ class SAMStep(StepRunner):
     def step(self, micro_batches: Sequence[Any], step: int) -> float:
         self.sam.zero_grad(set_to_none=True)
         self._pass = self.sam.first_pass
-        loss = self.accumulate(micro_batches, step)
+        loss = self.accumulate(micro_batches, step, sync=False)
         if self.sam.first_step(zero_grad=True, scaler=self.scaler):
             self._pass = self._second_pass
             self.accumulate(micro_batches, step)
         self.sam.restore()
         self.update()
-        return loss
+        return self._step_loss(loss)
 
 
 @dataclass(frozen=True)
@@ -170,7 +195,8 @@ class Method:
     """A registered training method.
 
     ``build(model, optimizer, options, **runner_kwargs) -> StepRunner``; ``options`` holds the
-    method's settings (``sigma``, ``schedule``, ``total_steps``, ``seed``, ``mode``, ``rho`` …).
+    method's settings (``sigma``, ``schedule``, ``total_steps``, ``seed``, ``mode``, ``shared_noise``,
+    ``rho``, ``sam_gradient`` …); ``runner_kwargs`` go to the runner (``ddp`` among them).
     ``option_names`` lists the options the method reads (documentation; the others are ignored)."""
 
     name: str
@@ -207,6 +233,7 @@ def _flat_lora(model, optimizer, options, **kw):
         schedule=options.get("schedule", "cosine"),
         seed=options.get("seed", 0),
         mode=options.get("mode", "exact"),
+        shared_noise=options.get("shared_noise", False),
     )
     return FlatLoRAStep(model, optimizer, flat_lora=flat, **kw)
 
@@ -215,16 +242,18 @@ register_method(Method("full-ft", False, "full fine-tuning (every parameter)", _
 register_method(Method("lora", True, "plain LoRA", _plain))
 register_method(
     Method("flat-lora", True, "Flat-LoRA: filter-wise weight noise in the merged space", _flat_lora,
-           ("sigma", "schedule", "total_steps", "seed", "mode"))
+           ("sigma", "schedule", "total_steps", "seed", "mode", "shared_noise"))
 )
 
 
 def _sam_builder(name: str) -> Callable[..., StepRunner]:
     def build(model, optimizer, options, **kw):
-        return SAMStep(model, optimizer, sam=build_sam(name, model, optimizer, rho=options.get("rho")), **kw)
+        sam = build_sam(name, model, optimizer, rho=options.get("rho"), gradient=options.get("sam_gradient", "local"))
+        return SAMStep(model, optimizer, sam=sam, **kw)
 
     return build
 
 
 for _name, _variant in SAM_VARIANTS.items():
-    register_method(Method(_name, _variant.uses_lora, _variant.description, _sam_builder(_name), ("rho",)))
+    register_method(Method(_name, _variant.uses_lora, _variant.description, _sam_builder(_name),
+                           ("rho", "sam_gradient")))

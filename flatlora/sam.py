@@ -48,6 +48,16 @@ loss). For :class:`SAM` the two pass contexts do nothing; :class:`MergedSAM` nee
   ``.data``.
 * BatchNorm: run the second pass under :func:`running_stats_frozen` so that running statistics are
   updated once per micro-batch, by the first pass (the runner and the Trainer do).
+* Several processes (DDP, ``torchrun``): the first pass runs under ``no_sync()`` (the runner and the
+  Trainer do), so each rank has the gradient of its own batch, and ``gradient`` chooses what ε comes
+  from. ``"local"`` (the default): each rank's ε from its own gradient — Foret et al.'s m-sharpness
+  with m = the per-rank batch, as their multi-accelerator implementation does (they report that a
+  smaller m tends to generalize better); no communication beyond DDP's usual one. ``"global"``:
+  the ε-gradients are averaged over the ranks in ``first_step`` (one more all-reduce of the size of
+  θ's gradient: for MergedSAM the m×n g_W of every adapted layer, which DDP would never sync since it
+  is no parameter's gradient), so every rank takes the same ε and W processes with batch b compute
+  what one process computes with batch W·b. The second pass is synced by DDP as usual: the update
+  is the mean over ranks of ∇L_r(θ + ε_r). In one process both choices are the same.
 """
 from __future__ import annotations
 
@@ -59,13 +69,15 @@ from typing import Callable, ContextManager, Iterable, Iterator, Optional, Seque
 import torch
 from torch import nn
 
+from . import distributed
 from .lora_view import UnsupportedAdapterError, lora_layers
 from .perturb import perturbed
 
 __all__ = ["SAM", "MergedSAM", "sam_epsilon", "running_stats_frozen", "SAMVariant", "SAM_VARIANTS", "build_sam",
-           "resolve_sam", "optimizer_params"]
+           "resolve_sam", "optimizer_params", "SAM_GRADIENTS"]
 
 BaseOptimizer = Union[type, torch.optim.Optimizer]
+SAM_GRADIENTS = ("local", "global")  # what ε comes from under several processes (module docstring)
 
 
 def sam_epsilon(
@@ -119,10 +131,13 @@ def _merged_space(model: nn.Module):
                                       "For full fine-tuning use SAM / method 'sam'.") from e
 
 
-def _check_settings(rho: float, eta: float) -> None:
+def _check_settings(rho: float, eta: float, gradient: str = "local") -> None:
     for name, value in (("rho", rho), ("eta", eta)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if gradient not in SAM_GRADIENTS:
+        raise ValueError(f"the SAM gradient must be one of {SAM_GRADIENTS} (what ε comes from under several "
+                         f"processes), got {gradient!r}")
 
 
 class _SharpnessAware(torch.optim.Optimizer):
@@ -132,8 +147,8 @@ class _SharpnessAware(torch.optim.Optimizer):
     θ + ε), ``restore`` (back to θ), and the two pass contexts."""
 
     def __init__(self, params: Iterable[torch.Tensor], base_optimizer: BaseOptimizer, rho: float, adaptive: bool,
-                 eta: float, **kwargs):
-        _check_settings(rho, eta)
+                 eta: float, gradient: str, **kwargs):
+        _check_settings(rho, eta, gradient)
         params = list(params)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if kwargs:
@@ -148,7 +163,7 @@ class _SharpnessAware(torch.optim.Optimizer):
             base_optimizer = base_optimizer(self.param_groups, **kwargs)
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups
-        self.rho, self.adaptive, self.eta = float(rho), bool(adaptive), float(eta)
+        self.rho, self.adaptive, self.eta, self.gradient = float(rho), bool(adaptive), float(eta), gradient
 
     # --- where ε lives (subclasses) --------------------------------------------------------------
     def _gradients(self) -> tuple[list, list[torch.Tensor], Optional[list[torch.Tensor]]]:
@@ -174,13 +189,20 @@ class _SharpnessAware(torch.optim.Optimizer):
     # --- the two steps ---------------------------------------------------------------------------
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, scaler: Optional[torch.amp.GradScaler] = None) -> bool:
-        """θ ← θ + ε, ε from the gradient accumulated so far. Returns whether it moved.
+        """θ ← θ + ε, ε from the gradient accumulated so far (``gradient="global"``: averaged over the
+        ranks first). Returns whether it moved.
 
         With a GradScaler (the one that scaled the losses), a gradient that is not finite moves
         nothing, leaves NaN gradients (so ``scaler.step`` skips this step and ``scaler.update``
-        lowers the scale) and returns False: skip the second pass. Without one it raises."""
+        lowers the scale) and returns False: skip the second pass. Under several processes that
+        decision is shared: if any rank's gradient is not finite, every rank skips. Without a
+        scaler it raises."""
         where, grads, points = self._gradients()
+        if self.gradient == "global":
+            distributed.all_reduce_mean_(grads)
         eps = sam_epsilon(grads, self.rho, points=points, eta=self.eta)
+        if scaler is not None and scaler.is_enabled() and not distributed.all_ranks(eps is not None):
+            eps = None  # another rank's gradient overflowed: skip together (the second pass syncs)
         if eps is None:
             if scaler is None or not scaler.is_enabled():
                 raise FloatingPointError("the gradient at θ is not finite (inf/NaN) and no GradScaler is active to "
@@ -243,11 +265,13 @@ class SAM(_SharpnessAware):
             torch.optim.AdamW, lr=5e-4)``), or an optimizer instance that updates exactly ``params``.
         rho: ρ ≥ 0 (Foret et al.'s default 0.05; Li et al. 2025 found 0.003 best for the LoRA factors).
         adaptive: ASAM instead of SAM. eta: η of ASAM's T = |θ| + η.
+        gradient: under several processes, ε from each rank's own gradient (``"local"``) or from their
+            mean (``"global"``): see the module docstring.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], base_optimizer: BaseOptimizer, rho: float = 0.05,
-                 adaptive: bool = False, eta: float = 0.01, **kwargs):
-        super().__init__(params, base_optimizer, rho, adaptive, eta, **kwargs)
+                 adaptive: bool = False, eta: float = 0.01, gradient: str = "local", **kwargs):
+        super().__init__(params, base_optimizer, rho, adaptive, eta, gradient, **kwargs)
 
     def _gradients(self):
         params = [p for p in optimizer_params(self) if p.grad is not None]
@@ -282,19 +306,20 @@ class MergedSAM(_SharpnessAware):
         model: a peft model with plain LoRA layers (:func:`flatlora.lora_layers`).
         base_optimizer: an optimizer class, built on the model's trainable parameters with ``**kwargs``,
             or an optimizer instance (it defines what is trained).
-        rho: ρ ≥ 0 (Li et al. 2025: 0.05 best for SAM on W on T5/GLUE). adaptive, eta: as :class:`SAM`.
+        rho: ρ ≥ 0 (Li et al. 2025: 0.05 best for SAM on W on T5/GLUE). adaptive, eta, gradient: as
+            :class:`SAM`.
 
     Attributes:
         epsilon: ε_W per layer name (m×n, out × in) between ``first_step`` and ``restore``, else None.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: BaseOptimizer, rho: float = 0.05, adaptive: bool = False,
-                 eta: float = 0.01, **kwargs):
-        _check_settings(rho, eta)
+                 eta: float = 0.01, gradient: str = "local", **kwargs):
+        _check_settings(rho, eta, gradient)
         self.layers = _merged_space(model)
         params = (optimizer_params(base_optimizer) if isinstance(base_optimizer, torch.optim.Optimizer)
                   else [p for p in model.parameters() if p.requires_grad])
-        super().__init__(params, base_optimizer, rho, adaptive, eta, **kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, eta, gradient, **kwargs)
         self._probes: Optional[dict[str, torch.Tensor]] = None
         self.epsilon: Optional[dict[str, torch.Tensor]] = None
 
@@ -361,25 +386,26 @@ SAM_VARIANTS: dict[str, SAMVariant] = {
 }
 
 
-def resolve_sam(method: str, model: nn.Module, rho: Optional[float] = None, eta: float = 0.01) -> tuple[SAMVariant, float]:
+def resolve_sam(method: str, model: nn.Module, rho: Optional[float] = None, eta: float = 0.01,
+                gradient: str = "local") -> tuple[SAMVariant, float]:
     """Check a SAM-family method's settings before any work; return its variant and ρ (the default if None).
 
-    Raises ValueError (unknown method, ρ or η negative) or UnsupportedAdapterError (a merged-space
-    method on a model without LoRA layers)."""
+    Raises ValueError (unknown method, ρ or η negative, ``gradient`` not in :data:`SAM_GRADIENTS`)
+    or UnsupportedAdapterError (a merged-space method on a model without LoRA layers)."""
     if method not in SAM_VARIANTS:
         raise ValueError(f"unknown SAM method {method!r}; choose one of {sorted(SAM_VARIANTS)}")
     v = SAM_VARIANTS[method]
     rho = v.rho if rho is None else rho
-    _check_settings(rho, eta)
+    _check_settings(rho, eta, gradient)
     if v.merged:
         _merged_space(model)
     return v, rho
 
 
 def build_sam(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, rho: Optional[float] = None,
-              eta: float = 0.01) -> _SharpnessAware:
+              eta: float = 0.01, gradient: str = "local") -> _SharpnessAware:
     """The SAM object of a SAM-family method around an existing optimizer (ρ = the method's default if None)."""
-    v, rho = resolve_sam(method, model, rho, eta)
+    v, rho = resolve_sam(method, model, rho, eta, gradient)
     if v.merged:
-        return MergedSAM(model, optimizer, rho=rho, adaptive=v.adaptive, eta=eta)
-    return SAM(optimizer_params(optimizer), optimizer, rho=rho, adaptive=v.adaptive, eta=eta)
+        return MergedSAM(model, optimizer, rho=rho, adaptive=v.adaptive, eta=eta, gradient=gradient)
+    return SAM(optimizer_params(optimizer), optimizer, rho=rho, adaptive=v.adaptive, eta=eta, gradient=gradient)

@@ -4,10 +4,12 @@ Works with transformers 5: it overrides ``training_step(model, inputs, num_items
 (the current signature) and perturbs around the parent's forward and backward. The noise step is
 ``state.global_step`` — the number of *optimizer* steps done, so all micro-batches of one
 accumulated step share one ε, and under DDP every rank counts the same global step; the schedule
-length is ``state.max_steps``, also global.
+length is ``state.max_steps``, also global. Each rank's noise is its own (the seed mixes in
+``args.process_index``) unless ``flat_lora_shared_noise``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 from transformers import Trainer
@@ -47,7 +49,8 @@ class SAMTrainer(Trainer):
 
     Args (besides the Trainer's): ``sam_method`` — ``sam-lora`` (default), ``asam-lora``,
     ``sam-full``, ``asam-full`` or ``sam`` (a model without LoRA); ``sam_rho`` (default: the method's,
-    see :data:`flatlora.SAM_VARIANTS`); ``sam_eta`` (ASAM's η).
+    see :data:`flatlora.SAM_VARIANTS`); ``sam_eta`` (ASAM's η); ``sam_gradient`` (``local``/``global``:
+    what ε comes from under several processes, below).
 
     Gradient accumulation: the Trainer calls ``training_step`` once per micro-batch and steps the
     optimizer after the last one, but ε must come from the gradient of the whole step. So every
@@ -59,33 +62,41 @@ class SAMTrainer(Trainer):
     accelerator's GradScaler scales both passes (ε does not depend on the scale) and unscales once,
     at clipping or at the step; a first gradient that overflows skips the second pass and the step.
     The logged loss is the loss at θ.
+
+    Several processes (DDP under ``torchrun`` / ``accelerate launch``): the first pass runs under
+    ``accelerator.no_sync``, so ε comes from each rank's own gradient (``sam_gradient="local"``, the
+    default) or from their mean (``"global"``, one more all-reduce), as in :mod:`flatlora.sam`; in
+    the second pass DDP averages the gradients once, in the backward of the step's last micro-batch.
     """
 
     def __init__(self, *args, sam_method: str = "sam-lora", sam_rho: Optional[float] = None, sam_eta: float = 0.01,
-                 **kwargs):
+                 sam_gradient: str = "local", **kwargs):
         super().__init__(*args, **kwargs)
-        _, self.sam_rho = resolve_sam(sam_method, self.model, sam_rho, sam_eta)  # errors before any training
-        self.sam_method, self.sam_eta = sam_method, sam_eta
+        # errors before any training
+        _, self.sam_rho = resolve_sam(sam_method, self.model, sam_rho, sam_eta, sam_gradient)
+        self.sam_method, self.sam_eta, self.sam_gradient = sam_method, sam_eta, sam_gradient
         self.sam = None
         self._micro_batches: list = []
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        self.sam = build_sam(self.sam_method, self.model, optimizer, rho=self.sam_rho, eta=self.sam_eta)
+        self.sam = build_sam(self.sam_method, self.model, optimizer, rho=self.sam_rho, eta=self.sam_eta,
+                             gradient=self.sam_gradient)
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.sam is None:
             raise RuntimeError("SAMTrainer builds its SAM in create_optimizer, which this setup (DeepSpeed?) bypassed")
         self._micro_batches.append((inputs, num_items_in_batch))
-        with self.sam.first_pass():
+        with self.sam.first_pass(), self.accelerator.no_sync(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the step's last micro-batch: the optimizer steps next
             batches, self._micro_batches = self._micro_batches, []
             if self.sam.first_step(zero_grad=True, scaler=self.accelerator.scaler):
                 with running_stats_frozen(model):
-                    for kept, n in batches:
-                        with self.sam.second_pass():
+                    for i, (kept, n) in enumerate(batches):
+                        sync = contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(model)
+                        with self.sam.second_pass(), sync:
                             super().training_step(model, kept, n)
             self.sam.restore()
         return loss

@@ -11,6 +11,15 @@
 
 Every file is written atomically. A finished run is not overwritten without ``overwrite=True``; an
 interrupted one resumes from its last checkpoint with the same settings.
+
+Launched by ``torchrun --nproc_per_node W`` (or ``accelerate launch``), :func:`run` trains
+data-parallel with ``DistributedDataParallel``, each process on its own device (``cuda:LOCAL_RANK``,
+or the CPU with gloo). ``batch_size`` is per process: the global batch of a step is
+W · batch_size · grad_accum, and W processes see, step by step, the data of one process with batch
+W · batch_size (:func:`micro_batches`). ``steps`` counts global optimizer steps, the same on every
+rank; Flat-LoRA's σ schedule runs over them. Flat-LoRA's noise is independent per rank unless
+``shared_noise``; the SAM family's ε comes from each rank's own gradient unless
+``sam_gradient="global"`` (:mod:`flatlora.sam`). Only rank 0 evaluates and writes files.
 """
 from __future__ import annotations
 
@@ -29,8 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
 from .methods import StepRunner, get_method
+from .sam import SAM_GRADIENTS
 from .tasks import Task, get_task
 
 __all__ = ["TrainConfig", "train_loop", "micro_batches", "prepare_model", "run", "load_run", "RunExistsError"]
@@ -64,10 +75,14 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     eval_batch_size: int = 128
     checkpoint_every: int = 100
+    shared_noise: bool = False  # several processes: rank 0's Flat-LoRA noise on every rank, not each its own
+    sam_gradient: str = "local"  # several processes: SAM's ε from each rank's own gradient, or "global" (their mean)
     task_options: dict = dataclasses.field(default_factory=dict)
 
-    def resolved(self, task: Task) -> "TrainConfig":
-        """Fill the unset fields from the task's defaults, and check everything before any work."""
+    def resolved(self, task: Task, world_size: int = 1) -> "TrainConfig":
+        """Fill the unset fields from the task's defaults, and check everything before any work.
+
+        ``world_size`` processes (data parallelism) take W · batch_size · grad_accum examples a step."""
         d = task.defaults
         # full fine-tuning moves every weight: it needs a far smaller step than LoRA (task default "full_lr")
         default_lr = d.get("lr", 5e-4) if get_method(self.method).uses_lora else d.get("full_lr", d.get("lr", 5e-4))
@@ -88,11 +103,16 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {cfg.lr}")
         if cfg.rho is not None and cfg.rho < 0:
             raise ValueError(f"rho must be >= 0, got {cfg.rho}")
+        if cfg.sam_gradient not in SAM_GRADIENTS:
+            raise ValueError(f"sam_gradient must be one of {SAM_GRADIENTS}, got {cfg.sam_gradient!r}")
         if cfg.steps is not None and cfg.epochs is not None:
             raise ValueError("give either steps or epochs, not both")
-        per_epoch = len(task.splits["train"]) // (cfg.batch_size * cfg.grad_accum)
+        step_batch = world_size * cfg.batch_size * cfg.grad_accum
+        per_epoch = len(task.splits["train"]) // step_batch
         if per_epoch < 1:
-            raise ValueError(f"the train split ({len(task.splits['train'])} examples) is smaller than one step's batch")
+            raise ValueError(f"the train split ({len(task.splits['train'])} examples) is smaller than one step's "
+                             f"batch ({world_size} process(es) × batch_size {cfg.batch_size} × grad_accum "
+                             f"{cfg.grad_accum})")
         if cfg.steps is None:
             cfg.steps = int(round(cfg.epochs * per_epoch)) if cfg.epochs is not None else int(d.get("steps", 250))
         if cfg.steps < 1:
@@ -100,11 +120,16 @@ class TrainConfig:
         return cfg
 
 
-def micro_batches(task: Task, batch_size: int, seed: int, split: str = "train") -> Callable[[int], Any]:
+def micro_batches(task: Task, batch_size: int, seed: int, split: str = "train", *, rank: int = 0,
+                  world_size: int = 1) -> Callable[[int], Any]:
     """``k -> the k-th micro-batch``: epochs of a seeded shuffle (a fresh order each epoch, the
-    incomplete last batch dropped). Deterministic in (seed, k), so a resumed run sees the same data."""
+    incomplete last batch dropped). Deterministic in (seed, k), so a resumed run sees the same data.
+
+    Sharded over ``world_size`` W processes, the global micro-batch k is the one a single process
+    gets with batch W · ``batch_size``, and ``rank`` r collates its slice [r·b, (r+1)·b)."""
     examples = task.splits[split]
-    per_epoch = len(examples) // batch_size
+    global_batch = world_size * batch_size
+    per_epoch = len(examples) // global_batch
     orders: dict[int, np.ndarray] = {}
 
     def get(k: int) -> Any:
@@ -112,7 +137,8 @@ def micro_batches(task: Task, batch_size: int, seed: int, split: str = "train") 
         if epoch not in orders:
             orders.clear()
             orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(examples))
-        idx = orders[epoch][pos * batch_size : (pos + 1) * batch_size]
+        start = pos * global_batch + rank * batch_size
+        idx = orders[epoch][start : start + batch_size]
         return task.collate([examples[i] for i in idx])
 
     get.per_epoch = per_epoch
@@ -182,8 +208,33 @@ def _peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
-def _config_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+def _config_dict(cfg: TrainConfig, world_size: int) -> dict:
+    return {**dataclasses.asdict(cfg), "world_size": world_size}
+
+
+def _prepare_output(out: Path, config: dict, overwrite: bool) -> bool:
+    """Check the output folder against ``config`` and write config.json; True if it holds an
+    interrupted run with the same settings, to resume."""
+    ckpt_path = out / "checkpoint.pt"
+    resume = False
+    if (out / "metrics.json").exists():
+        if not overwrite:
+            raise RunExistsError(f"{out} holds a finished run; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    elif ckpt_path.exists():
+        # settings added since the run was written take their defaults
+        saved = {**_config_dict(TrainConfig(), 1), **read_json(out / "config.json")}
+        if saved != config:
+            if not overwrite:
+                diff = sorted(k for k in saved if saved.get(k) != config.get(k))
+                raise RunExistsError(f"{out} holds an interrupted run with other settings ({diff}); "
+                                     "pass overwrite=True to start afresh")
+            shutil.rmtree(out)
+        else:
+            resume = True
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", config)
+    return resume
 
 
 def run(
@@ -197,39 +248,34 @@ def run(
 ) -> tuple[nn.Module, dict]:
     """Train ``cfg.method`` on ``cfg.task``; write outputs under ``out`` (if given); return (model, metrics).
 
-    All settings are checked (task, method, values, output folder) before any training starts."""
+    All settings are checked (task, method, values, output folder) before any training starts.
+
+    Under ``torchrun`` every process calls it alike (see the module docstring): every rank builds
+    the same model, rank r > 0 reseeds the global RNG from (seed, r) so that its dropout masks
+    differ from rank 0's, and DDP averages the gradients. Rank 0 alone checks the output folder,
+    evaluates and writes (config.json records ``world_size``; a run interrupted under another world
+    size does not resume); the checkpoint holds every rank's RNG state. Every rank returns its (equal)
+    model and rank 0's metrics."""
     task = task or get_task(cfg.task, **cfg.task_options)
-    cfg = cfg.resolved(task)
+    world, rank = distributed.world_size(), distributed.rank()
+    cfg = cfg.resolved(task, world)
     method = get_method(cfg.method)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = distributed.device(device)
     out = Path(out) if out is not None else None
     ckpt_path = out / "checkpoint.pt" if out else None
     resume = None
-    if out is not None:
-        if (out / "metrics.json").exists():
-            if not overwrite:
-                raise RunExistsError(f"{out} holds a finished run; pass overwrite=True (--overwrite) to replace it")
-            shutil.rmtree(out)
-        elif ckpt_path.exists():
-            saved = read_json(out / "config.json")
-            if saved != _config_dict(cfg):
-                if not overwrite:
-                    diff = sorted(k for k in saved if saved.get(k) != _config_dict(cfg).get(k))
-                    raise RunExistsError(f"{out} holds an interrupted run with other settings ({diff}); "
-                                         "pass overwrite=True to start afresh")
-                shutil.rmtree(out)
-            else:
-                resume = torch.load(ckpt_path, weights_only=False)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", _config_dict(cfg))
+    if out is not None and distributed.main_only(lambda: _prepare_output(out, _config_dict(cfg, world), overwrite)):
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
 
     model = prepare_model(task, cfg).to(dev)
+    if rank > 0:  # rank 0 keeps a single process's random stream
+        torch.manual_seed(int(np.random.default_rng([cfg.seed, rank]).integers(2**63)))
     optimizer, scheduler = _optimizer(model, cfg)
     options = {"sigma": cfg.sigma, "schedule": cfg.schedule, "total_steps": cfg.steps, "seed": cfg.seed,
-               "mode": cfg.mode, "rho": cfg.rho}
+               "mode": cfg.mode, "shared_noise": cfg.shared_noise, "rho": cfg.rho, "sam_gradient": cfg.sam_gradient}
     runner = method.build(model, optimizer, options, loss_fn=task.loss, max_grad_norm=cfg.max_grad_norm,
-                          scheduler=scheduler)
-    batch_at = micro_batches(task, cfg.batch_size, cfg.seed)
+                          scheduler=scheduler, ddp=distributed.wrap_ddp(model))
+    batch_at = micro_batches(task, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
     steps_per_epoch = batch_at.per_epoch // cfg.grad_accum
 
     state = {"step": 0, "train_loss": [], "evals": [], "elapsed": 0.0}
@@ -240,52 +286,58 @@ def run(
                 params[n].copy_(v)
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"])
+        rng = resume["rng"]
+        torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a tensor: an older checkpoint
         state = resume["state"]
 
     def checkpoint() -> None:
-        if ckpt_path is not None:
+        if ckpt_path is None:
+            return
+        rng = distributed.all_gather_objects(torch.get_rng_state())
+        if distributed.is_main():
             atomic_torch_save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "state": state},
-                              ckpt_path)
+                               "scheduler": scheduler.state_dict(), "rng": rng, "state": state}, ckpt_path)
 
     t0 = time.perf_counter() - state["elapsed"]
 
     def on_step(t: int, loss: float) -> None:
         state["step"] = t + 1
         state["train_loss"].append(loss)
-        if steps_per_epoch and (t + 1) % steps_per_epoch == 0 and t + 1 < cfg.steps:
+        if distributed.is_main() and steps_per_epoch and (t + 1) % steps_per_epoch == 0 and t + 1 < cfg.steps:
             ev = task.evaluate(model, "validation", cfg.eval_batch_size)
             ev.pop("predictions")
             state["evals"].append({"step": t + 1, "epoch": (t + 1) / steps_per_epoch, **ev})
-            model.train()
         if (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.steps:
             state["elapsed"] = time.perf_counter() - t0
             checkpoint()
 
     train_loop(runner, batch_at, cfg.steps, grad_accum=cfg.grad_accum, start_step=state["step"], device=dev,
-               progress=progress, on_step=on_step)
+               progress=progress and distributed.is_main(), on_step=on_step)
     wall = time.perf_counter() - t0
-    val = task.evaluate(model, "validation", cfg.eval_batch_size)
-    val.pop("predictions")
-    state["evals"].append({"step": cfg.steps, "epoch": cfg.steps / max(steps_per_epoch, 1), **val})
-    test = task.evaluate(model, "test", cfg.eval_batch_size)
-    predictions = test.pop("predictions")
-    metrics = {
-        "task": task.name, "method": cfg.method, "seed": cfg.seed, "steps": cfg.steps,
-        "test": test, "validation": val,
-        "accuracy": test["accuracy"], "f1_weighted": test.get("f1_weighted"),
-        "majority_baseline": task.majority_baseline() if task.kind == "classification" else None,
-        "evals": state["evals"], "train_loss": state["train_loss"],
-        "wall_time_s": wall, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        **_peak_memory_mb(dev),
-    }
-    if out is not None:
-        save_model(model, out, uses_lora=method.uses_lora)
-        atomic_write_json(out / "predictions.json", {"split": "test", "predictions": predictions})
-        atomic_write_json(out / "metrics.json", metrics)  # written last: marks the run finished
-        ckpt_path.unlink(missing_ok=True)
-    return model, metrics
+
+    def finish() -> dict:
+        val = task.evaluate(model, "validation", cfg.eval_batch_size)
+        val.pop("predictions")
+        state["evals"].append({"step": cfg.steps, "epoch": cfg.steps / max(steps_per_epoch, 1), **val})
+        test = task.evaluate(model, "test", cfg.eval_batch_size)
+        predictions = test.pop("predictions")
+        metrics = {
+            "task": task.name, "method": cfg.method, "seed": cfg.seed, "steps": cfg.steps,
+            "test": test, "validation": val,
+            "accuracy": test["accuracy"], "f1_weighted": test.get("f1_weighted"),
+            "majority_baseline": task.majority_baseline() if task.kind == "classification" else None,
+            "evals": state["evals"], "train_loss": state["train_loss"],
+            "wall_time_s": wall, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **_peak_memory_mb(dev),
+        }
+        if out is not None:
+            save_model(model, out, uses_lora=method.uses_lora)
+            atomic_write_json(out / "predictions.json", {"split": "test", "predictions": predictions})
+            atomic_write_json(out / "metrics.json", metrics)  # written last: marks the run finished
+            ckpt_path.unlink(missing_ok=True)
+        return metrics
+
+    return model, distributed.main_only(finish)
 
 
 def save_model(model: nn.Module, out: Path, *, uses_lora: bool) -> None:
