@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from flatlora import TrainConfig, run
+from flatlora import TrainConfig, distributed, run
 from flatlora.io import atomic_write_text
 from landscape.plot import save_figure
 from landscape.probe_suite import ProbeSettings
@@ -29,10 +29,12 @@ SETTINGS = ProbeSettings(spaces=("lora", "merged"), sigmas=(0.05,), noise_max_sa
 
 
 def train_or_reuse(method: str, steps: int, out: Path) -> dict:
-    if (out / "metrics.json").exists():
-        print(f"[demo] reusing the finished run in {out}")
+    if distributed.broadcast_object((out / "metrics.json").exists()):
+        if distributed.is_main():
+            print(f"[demo] reusing the finished run in {out}")
         return json.loads((out / "metrics.json").read_text())
-    print(f"[demo] training {method} on rt-minilm for {steps} steps → {out}", flush=True)
+    if distributed.is_main():
+        print(f"[demo] training {method} on rt-minilm for {steps} steps → {out}", flush=True)
     _, metrics = run(TrainConfig(task="rt-minilm", method=method, steps=steps, seed=0), out)
     return metrics
 
@@ -44,9 +46,12 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     metrics = {m: train_or_reuse(m, a.steps, out / m) for m in METHODS}
-    print("[demo] probing both runs in the lora and merged spaces (32 validation examples)", flush=True)
+    if distributed.is_main():
+        print("[demo] probing both runs in the lora and merged spaces (32 validation examples)", flush=True)
     probes, curves = probe_runs([out / m for m in METHODS], out / "probes.csv", SETTINGS, "validation", 32, 32,
                                 progress=True)
+    if not distributed.is_main():  # under torchrun: rank 0 writes and prints
+        return
     rows = []
     for m in METHODS:
         row = {"method": m, "test accuracy": metrics[m]["accuracy"], "weighted F1": metrics[m]["f1_weighted"]}

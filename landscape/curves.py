@@ -10,6 +10,11 @@ Results are tidy DataFrames — one row per (direction, α[, β]) with columns `
 grid points share one vectorized forward where the model allows (:class:`~landscape.evaluate.PointEvaluator`).
 With ``results_path`` the rows are written atomically as they come, and a probe started again with
 the same arguments resumes where it stopped.
+
+Under ``torchrun`` the (direction, point) pairs are split across ranks (rank r takes every W-th);
+every rank draws the same directions from the seed (nothing large is sent), keeps its partial rows
+in a shard file of its own, and one gather at the end gives every rank the whole frame — the same
+numbers as one process.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from flatlora import distributed
 
 from .directions import Sampler, filter_normalized, orthogonalize as gram_schmidt, sample
 from .evaluate import PointEvaluator, ResultsFile, fingerprint
@@ -76,6 +83,12 @@ def _draw_bases(sp: Space, samplers: Sequence[DirectionLike], num_directions: in
     return bases
 
 
+def _key(index: int, coeffs: np.ndarray) -> tuple:
+    """(direction, *coefficients) of point ``index`` of the flat (direction, coefficient) list."""
+    k, i = divmod(index, len(coeffs))
+    return (k, *(float(x) for x in coeffs[i]))
+
+
 def _scan(model: nn.Module, loss: Loss, sp: Space, bases: list[list[Direction]], coeffs: np.ndarray,
           axes: list[str], probe: str, meta: dict, batch_points: Optional[int], results_path, progress: bool) -> pd.DataFrame:
     """Evaluate L(θ + Σ_j c_j d_j) for every coefficient row c and every basis; tidy rows."""
@@ -84,11 +97,17 @@ def _scan(model: nn.Module, loss: Loss, sp: Space, bases: list[list[Direction]],
             "directions": [[fingerprint(sp, d) for d in basis] for basis in bases], **meta}
     results = ResultsFile(results_path, meta)
     done = {(r["direction"], *(r[a] for a in axes)) for r in results.rows}
-    total = len(bases) * len(coeffs)
+    # under torchrun, rank r evaluates points r, r + W, r + 2W … of the (direction, coefficient) list
+    mine = set(distributed.shard(range(len(bases) * len(coeffs))))
+    total = len(mine)
     with PointEvaluator(sp, loss, batch_points) as evaluator, \
-            tqdm(total=total, initial=len(done), desc=f"{probe}[{sp.kind}]", disable=not progress, dynamic_ncols=True) as bar:
+            tqdm(total=total, initial=sum(1 for i in mine if _key(i, coeffs) in done), desc=f"{probe}[{sp.kind}]",
+                 disable=not (progress and distributed.is_main()), dynamic_ncols=True) as bar:
         for k, basis in enumerate(bases):
-            todo = [c for c in coeffs if (k, *(float(x) for x in c)) not in done]
+            todo = [c for i, c in enumerate(coeffs, start=k * len(coeffs))
+                    if i in mine and _key(i, coeffs) not in done]
+            if not todo:
+                continue
             # the offsets of a chunk of points are one product C·[d₁; d₂], written into the same
             # buffers for every chunk: one pass over memory and no allocation per point
             flat = {n: torch.stack([d[n].reshape(-1) for d in basis]) for n in sp.names}
@@ -103,8 +122,7 @@ def _scan(model: nn.Module, loss: Loss, sp: Space, bases: list[list[Direction]],
                               "loss": float(l), "accuracy": float(acc)}
                              for c, l, acc in zip(chunk, losses, accuracies)])
                 bar.update(len(chunk))
-    results.save()
-    frame = pd.DataFrame(results.rows, columns=["space", "direction", *axes, "loss", "accuracy"])
+    frame = pd.DataFrame(results.gather(), columns=["space", "direction", *axes, "loss", "accuracy"])
     frame = frame.sort_values(["direction", *axes], ignore_index=True)
     frame.attrs.update(vectorized=evaluator.vectorized, points_per_forward=evaluator.points_per_call,
                        loop_reason=evaluator.fallback_reason)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from flatlora import distributed
 from flatlora.io import atomic_write_json, read_json
 
 from .loss import Loss
@@ -34,22 +35,26 @@ _MAX_POINTS = 32
 
 def value_and_grad(space: Space, loss: Loss, delta: Direction) -> tuple[float, Direction]:
     """L(θ + Pδ) and its gradient with respect to δ, accumulated batch by batch (one batch's graph
-    in memory at a time), in the loss's mode. The model's ``.grad`` fields are not touched."""
+    in memory at a time), in the loss's mode. The model's ``.grad`` fields are not touched.
+
+    Under ``torchrun`` each rank takes every W-th batch and one all-reduce sums the parts."""
     model = space.model
     leaves = {n: delta[n].detach().requires_grad_() for n in space.names}
     grad = {n: torch.zeros_like(t) for n, t in leaves.items()}
-    value = 0.0
+    device = next(iter(leaves.values())).device
+    value = torch.zeros((), dtype=torch.float64, device=device)
     with loss.mode(model), torch.enable_grad():
-        device = next(iter(leaves.values())).device
-        for batch, w in zip(loss.on(device), loss.weights):
+        for batch, w in distributed.shard(list(zip(loss.on(device), loss.weights))):
             with space.at(leaves):
                 v = loss.batch_value(model, batch) * (w / loss.total)
                 parts = torch.autograd.grad(v, [leaves[n] for n in space.names], allow_unused=True)
-            value += float(v.detach())
+            value += v.detach().double()
             for n, g in zip(space.names, parts):
                 if g is not None:
                     grad[n] += g
-    return value, grad
+    distributed.all_reduce_sum_([value])
+    distributed.all_reduce_sum_(list(grad.values()))
+    return float(value), grad
 
 
 class PointEvaluator:
@@ -152,23 +157,33 @@ def fingerprint(space: Space, d: Direction) -> str:
 class ResultsFile:
     """A probe's partial results: ``{"meta": …, "rows": […]}`` written atomically, so that a probe
     stopped at any time resumes where it was. A file made by another probe (other ``meta``: space,
-    grid, directions, seed, batches…) is an error, found before any work."""
+    grid, directions, seed, batches…) is an error, found before any work.
+
+    Under ``torchrun`` each rank adds its own rows to a shard file of its own
+    (``NAME.rank{r}-of-{W}.json``, :func:`flatlora.distributed.shard_path`); :meth:`gather` joins
+    every rank's rows, rank 0 writes the whole file, and the shard files are removed. ``rows`` holds
+    the rows of the whole file (if any) and this rank's."""
 
     def __init__(self, path: Optional[str], meta: dict[str, Any], min_interval_s: float = 2.0):
-        self.path = Path(path) if path is not None else None
+        self.final = Path(path) if path is not None else None
+        self.path = distributed.shard_path(self.final) if self.final is not None else None
         self.meta = meta
-        self.rows: list[dict] = []
         self.min_interval_s = min_interval_s
         self._last_save = time.monotonic()
-        if self.path is not None and self.path.exists():
-            saved = read_json(self.path)
-            # compare through JSON so that tuples, numpy floats … compare as they were written
-            mine = _json_roundtrip(meta)
-            if saved.get("meta") != mine:
-                diff = sorted(k for k in set(mine) | set(saved.get("meta", {})) if saved.get("meta", {}).get(k) != mine.get(k))
-                raise ValueError(f"{self.path} holds results of another probe (differs in {diff}); "
-                                 "delete it or pass another results_path")
-            self.rows = saved["rows"]
+        self.previous = self._load(self.final) if self.final != self.path else []  # rows of a whole, earlier file
+        self.rows: list[dict] = self.previous + self._load(self.path)
+
+    def _load(self, path: Optional[Path]) -> list[dict]:
+        if path is None or not path.exists():
+            return []
+        saved = read_json(path)
+        # compare through JSON so that tuples, numpy floats … compare as they were written
+        mine = _json_roundtrip(self.meta)
+        if saved.get("meta") != mine:
+            diff = sorted(k for k in set(mine) | set(saved.get("meta", {})) if saved.get("meta", {}).get(k) != mine.get(k))
+            raise ValueError(f"{path} holds results of another probe (differs in {diff}); "
+                             "delete it or pass another results_path")
+        return saved["rows"]
 
     def add(self, rows: list[dict], *, final: bool = False) -> None:
         self.rows.extend(rows)
@@ -177,8 +192,24 @@ class ResultsFile:
 
     def save(self) -> None:
         if self.path is not None:
-            atomic_write_json(self.path, {"meta": self.meta, "rows": self.rows})
+            atomic_write_json(self.path, {"meta": self.meta, "rows": self.rows[len(self.previous):]})
             self._last_save = time.monotonic()
+
+    def gather(self) -> list[dict]:
+        """Every rank's rows (the earlier whole file's first, then rank 0's, rank 1's …); written
+        to the whole file by rank 0. In one process: :meth:`save`."""
+        if not distributed.is_distributed():
+            self.save()
+            return self.rows
+        new = distributed.all_gather_objects(self.rows[len(self.previous):])
+        self.rows = self.previous + [row for part in new for row in part]
+        if self.final is not None:
+            if distributed.is_main():
+                atomic_write_json(self.final, {"meta": self.meta, "rows": self.rows})
+            distributed.barrier()
+            self.path.unlink(missing_ok=True)
+        self.previous = self.rows
+        return self.rows
 
 
 def _json_roundtrip(obj: Any) -> Any:

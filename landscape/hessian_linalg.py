@@ -33,7 +33,8 @@ class CountingOperator(LinearOperator):
         return np.asarray(self.op.matvec(np.asarray(x, dtype=np.float64)), dtype=np.float64).reshape(-1)
 
     def _matmat(self, X: np.ndarray) -> np.ndarray:
-        return np.column_stack([self._matvec(X[:, j]) for j in range(X.shape[1])])
+        self.products += X.shape[1]
+        return np.asarray(self.op.matmat(np.asarray(X, dtype=np.float64)), dtype=np.float64).reshape(X.shape[0], -1)
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:  # symmetric
         return self._matvec(x)

@@ -26,6 +26,11 @@ unless asked) and, for Hugging Face models without twice-differentiable attentio
 (:mod:`landscape.hessian_attention`) hold only inside :meth:`HessianOperator.session`, and the global
 RNG is left alone (dropout in a train-mode loss draws from a fixed seed, the same masks for every
 product, so H is one fixed matrix).
+
+Under ``torchrun`` a single product (Lanczos, power iteration, SLQ) is averaged over data shards:
+each rank takes every W-th batch and one all-reduce sums the parts, so every rank holds the same
+H v and runs the same iteration. A block of products (``matmat``: Hutchinson, Hutch++) is split by
+columns instead, each on all the data, and gathered once.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from tqdm.auto import tqdm
+
+from flatlora import distributed
 
 from .guard import preserved
 from .hessian_attention import EAGER_HINT, eager_attention, require_eager
@@ -144,13 +151,34 @@ class HessianOperator(LinearOperator):
             stack.enter_context(self.loss.mode(self.model))
             bar = stack.enter_context(tqdm(total=total, desc=desc, unit="hvp", disable=not progress,
                                            dynamic_ncols=True, leave=False))
-            self._session = {"bar": bar, "graph": None}
+            self._session = {"bar": bar, "graphs": {}, "shard_data": True}
             try:
                 yield self
             finally:
                 self._session = None
 
     # --- the product ---------------------------------------------------------------------------------
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        """H X. Under ``torchrun`` the columns are split across ranks (each product on all the data
+        on one rank, no communication per product) and gathered once; in one process, column by column."""
+        if distributed.world_size() == 1 or X.shape[1] < 2:
+            return np.column_stack([self._matvec(X[:, j]) for j in range(X.shape[1])])
+        if self._session is None:
+            with self.session():
+                return self._matmat(X)
+        mine = distributed.shard(range(X.shape[1]))
+        self._session["shard_data"] = False
+        try:
+            local = {j: self._matvec(X[:, j]) for j in mine}
+        finally:
+            self._session["shard_data"] = True
+        out = np.empty((X.shape[0], X.shape[1]), dtype=np.float64)
+        for part in distributed.all_gather_objects(local):
+            for j, column in part.items():
+                out[:, j] = column
+        self.products += X.shape[1] - len(mine)  # count every column once, whichever rank made it
+        return out
+
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         if self._session is None:
             with self.session():
@@ -167,16 +195,21 @@ class HessianOperator(LinearOperator):
             raise HessianError(
                 f"backend {self.backend!r} needs a derivative that a kernel of this model lacks ({err}). For attention: "
                 f"{EAGER_HINT}; otherwise use backend='finite-difference'") from err
+        vector = self.space.to_vector(hv)
+        if self._session["shard_data"]:
+            distributed.all_reduce_sum_([vector])  # Σ over the ranks' batches
         self.products += 1
         self._session["bar"].update(1)
-        return self.space.to_vector(hv).to(device="cpu", dtype=torch.float64).numpy()
+        return vector.to(device="cpu", dtype=torch.float64).numpy()
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:  # H is symmetric
         return self._matvec(x)
 
     def _batches(self):
-        """(index, batch, weight n_b / N) for every batch, on the model's device."""
-        for i, (batch, n) in enumerate(zip(self.loss.on(self.device), self.loss.weights)):
+        """(index, batch, weight n_b / N) for every batch, on the model's device — under ``torchrun``
+        this rank's share (every W-th batch) unless a product runs on all the data (:meth:`_matmat`)."""
+        batches = list(enumerate(zip(self.loss.on(self.device), self.loss.weights)))
+        for i, (batch, n) in (distributed.shard(batches) if self._session["shard_data"] else batches):
             yield i, batch, n / self.loss.total
 
     def _loss_at(self, delta: dict, index: int, batch) -> torch.Tensor:
@@ -209,7 +242,8 @@ class HessianOperator(LinearOperator):
     def _double_backward(self, v: dict) -> dict:
         names = self.space.names
         session = self._session
-        if session["graph"] is None and self.keep_graphs > 0:  # Σ_b w_b ∇ℓ_b over the kept batches, once
+        graph = session["graphs"].get(session["shard_data"])  # this rank's batches, or all of them
+        if graph is None and self.keep_graphs > 0:  # Σ_b w_b ∇ℓ_b over the kept batches, once
             delta = self._leaf()
             total = None
             for i, batch, w in self._batches():
@@ -217,10 +251,10 @@ class HessianOperator(LinearOperator):
                     break
                 g = [w * t for t in self._grad(delta, i, batch, create_graph=True)]
                 total = g if total is None else [a + b for a, b in zip(total, g)]
-            session["graph"] = (delta, total)
+            graph = session["graphs"][session["shard_data"]] = (delta, total)
         out = [torch.zeros_like(v[n]) for n in names]
-        if self.keep_graphs > 0:
-            delta, total = session["graph"]
+        if self.keep_graphs > 0 and graph[1] is not None:
+            delta, total = graph
             out = self._grad_dot(total, delta, names, v, retain=True)
         for i, batch, w in self._batches():
             if i < self.keep_graphs:

@@ -15,6 +15,10 @@ the same seed gives the same draws for every σ, every checkpoint and every spac
 (common random numbers, so differences between checkpoints are paired). Sampling stops at the
 first n ≥ ``min_samples`` with half-width t_{(1+c)/2, n−1}·s/√n ≤ max(rtol·|mean|, atol), or at
 ``max_samples``; the stopping point does not depend on how many samples are evaluated per forward.
+
+Under ``torchrun`` each round of samples is split across ranks (every rank draws its own z_k from
+the seed; the values are gathered in k order), so the estimate and the stopping point are those of
+one process.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flatlora import noise_seed
+from flatlora import distributed, noise_seed
 
 from .directions import adaptive_noise, flat_lora_noise, gaussian
 from .evaluate import PointEvaluator
@@ -60,6 +64,21 @@ def _stop_at(samples: np.ndarray, start: int, min_samples: int, rtol: float, ato
         if half <= max(rtol * abs(mean), atol):
             return n
     return None
+
+
+def _samples(evaluator: PointEvaluator, draw, sp: Space, sigma: float, seed: int, ks: range) -> tuple[np.ndarray, np.ndarray]:
+    """L(θ + σ z_k) and accuracy for the samples k in ``ks``; under torchrun rank r evaluates
+    k = ks[r], ks[r + W] … and one gather puts the values back in the order of ``ks``."""
+    mine = distributed.shard(ks)
+    values, acc = np.empty(0), np.empty(0)
+    if mine:
+        draws = [draw(sp, torch.Generator().manual_seed(noise_seed(seed, k, 0))) for k in mine]
+        values, acc = evaluator({n: torch.stack([d[n] for d in draws]).mul_(sigma) for n in sp.names})
+    if distributed.world_size() == 1:
+        return values, acc
+    parts = distributed.all_gather_objects((values, acc))
+    order = np.argsort(np.concatenate([np.arange(r, len(ks), len(parts)) for r in range(len(parts))]), kind="stable")
+    return (np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order])
 
 
 def expected_loss(
@@ -108,20 +127,20 @@ def expected_loss(
         raise ValueError(f"need rtol >= 0, atol >= 0 and 0 < confidence < 1, got {rtol}, {atol}, {confidence}")
     draw = NOISES[noise] if noise != "filter" else functools.partial(flat_lora_noise, one_d=one_d)
     sp = as_space(model, space)
+    world = distributed.world_size()
     rows = []
     with preserved(model):
         base = loss.evaluate(model)["loss"]
         with PointEvaluator(sp, loss, batch_points) as evaluator, \
-                tqdm(total=len(sigmas) * max_samples, desc=f"expected_loss[{sp.kind}]", disable=not progress,
+                tqdm(total=len(sigmas) * max_samples, desc=f"expected_loss[{sp.kind}]",
+                     disable=not (progress and distributed.is_main()),
                      dynamic_ncols=True) as bar:
             for sigma in sigmas:
                 increases, accuracies, stop = np.empty(0), np.empty(0), None
                 while stop is None and len(increases) < max_samples:
                     first = len(increases)
-                    count = min(evaluator.points_per_call, max_samples - first)
-                    draws = [draw(sp, torch.Generator().manual_seed(noise_seed(seed, k, 0))) for k in range(first, first + count)]
-                    offsets = {n: torch.stack([d[n] for d in draws]).mul_(sigma) for n in sp.names}
-                    values, acc = evaluator(offsets)
+                    count = min(evaluator.points_per_call * world, max_samples - first)
+                    values, acc = _samples(evaluator, draw, sp, sigma, seed, range(first, first + count))
                     increases = np.concatenate([increases, values - base])
                     accuracies = np.concatenate([accuracies, acc])
                     stop = _stop_at(increases, first, int(min_samples), rtol, atol, confidence)
