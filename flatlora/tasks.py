@@ -263,7 +263,7 @@ def _r8_minilm() -> Task:
     texts = {"train": train["Text"].iloc[tr].tolist(), "validation": train["Text"].iloc[va].tolist(), "test": test["Text"].tolist()}
     labels = {"train": train["Category"].iloc[tr].tolist(), "validation": train["Category"].iloc[va].tolist(), "test": test["Category"].tolist()}
     return _text_classification(
-        "r8-minilm", minilm_dir(), texts, labels, max_length=128, lora_targets=["query", "value"], defaults={"batch_size": 16}
+        "r8-minilm", minilm_dir(), texts, labels, max_length=64, lora_targets=["query", "value"], defaults={"batch_size": 16}
     )
 
 

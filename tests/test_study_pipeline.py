@@ -16,7 +16,7 @@ STUDY_METHODS = [m for m in ("full-ft", "lora", "flat-lora", "sam-lora", "sam-fu
 def test_miniature_study_end_to_end(tmp_path):
     args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--figures", str(tmp_path / "fig"),
             "--tasks", "digits-mlp", "--methods", *STUDY_METHODS, "--seeds", "0", "1", "--steps", "digits-mlp=10",
-            "--probe-examples", "32", "--no-progress"]
+            "--examples", "32", "--spaces", "lora", "merged", "tangent", "normal", "--no-progress"]
     assert mismatch_study.main(args) == 0
     res = tmp_path / "results" / "digits-mlp"
     metrics = pd.read_csv(res / "metrics.csv")
