@@ -169,9 +169,9 @@ def parse_args(argv=None):
     p.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
     p.add_argument("--results", default="results/study", help="tables and the report (committed)")
     # the probe suite's settings (analysis_scripts/probe.py), cheaper by default: on 2 CPU cores one
-    # MiniLM forward of 32 sentences takes about 0.5 s, and the study probes 30 runs
+    # MiniLM forward of 32 sentences takes about 0.5 s, and the study probes 30 runs (λ₁ to 1 %)
     add_probe_arguments(p, spaces=["lora", "merged"], examples=32, sigmas=[0.05, 0.1], noise_samples=8,
-                        directions=2, alphas=7)
+                        directions=2, alphas=7, eig_tol=1e-2)
     p.add_argument("--robust-examples", type=int, default=300)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)

@@ -32,12 +32,13 @@ from landscape.probe_suite import ProbeSettings, probe_model
 def add_probe_arguments(p: argparse.ArgumentParser, **defaults) -> None:
     """The suite's settings as options (shared with mismatch_study.py, which has cheaper defaults)."""
     d = {"spaces": ["lora", "merged", "tangent", "normal"], "examples": 64, "sigmas": [0.02, 0.05, 0.1],
-         "noise_samples": 16, "directions": 3, "alphas": 11, **defaults}
+         "noise_samples": 16, "directions": 3, "alphas": 11, "eig_tol": 1e-3, **defaults}
     p.add_argument("--spaces", nargs="+", default=d["spaces"])
     p.add_argument("--split", default="validation")
     p.add_argument("--examples", type=int, default=d["examples"], help="probe examples (first N of the split)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eig-k", type=int, default=1)
+    p.add_argument("--eig-tol", type=float, default=d["eig_tol"], help="Lanczos relative residual")
     p.add_argument("--trace-samples", type=int, default=0, help="Hutch++ products per space (0: skip)")
     p.add_argument("--sigmas", nargs="+", type=float, default=d["sigmas"])
     p.add_argument("--noise-samples", type=int, default=d["noise_samples"])
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(a: argparse.Namespace) -> ProbeSettings:
-    return ProbeSettings(spaces=tuple(a.spaces), eig_k=a.eig_k, trace_samples=a.trace_samples,
+    return ProbeSettings(spaces=tuple(a.spaces), eig_k=a.eig_k, eig_tol=a.eig_tol, trace_samples=a.trace_samples,
                          sigmas=tuple(a.sigmas), noise_max_samples=a.noise_samples,
                          noise_min_samples=min(8, a.noise_samples), rhos=tuple(a.rhos), num_directions=a.directions,
                          alphas=a.alphas, seed=a.seed)
