@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from flatlora import TrainConfig, distributed, get_task, prepare_model
-from landscape import Loss, expected_loss, hessian_eigenvalues, hessian_trace, loss_line, loss_plane
+from landscape import (Loss, expected_loss, hessian_density, hessian_eigenvalues, hessian_trace, loss_line,
+                       loss_plane)
 from landscape.worst_case import worst_case_sharpness
 
 
@@ -34,6 +35,8 @@ def main(out: Path) -> None:
         "noise": expected_loss(model, loss, space="merged", sigmas=[0.05, 0.2], max_samples=13, min_samples=4,
                                batch_points=2, seed=5, progress=False),
         "eig": hessian_eigenvalues(model, loss, "lora", k=2, tol=1e-8, progress=False).eigenvalues,
+        "power": hessian_eigenvalues(model, loss, "merged", method="power", tol=1e-6, progress=False).eigenvalues,
+        "density": hessian_density(model, loss, "lora", num_probes=2, num_steps=8, progress=False).to_frame(),
         "hutchinson": hessian_trace(model, loss, "lora", method="hutchinson", num_samples=6, progress=False),
         "hutch++": hessian_trace(model, loss, "merged", num_samples=9, progress=False),
         "worst": worst_case_sharpness(model, loss, space="merged", rho=[0.05], steps=3),

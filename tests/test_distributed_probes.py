@@ -64,7 +64,9 @@ def test_two_ranks_equal_one_process(probe_results):
         assert res["unchanged"] and single["unchanged"]  # probes leave the model bit-identical
         for key in ("plane", "noise", "worst"):
             _close_frames(single[key], res[key])
+        _close_frames(single["density"], res["density"], rtol=1e-4, atol=1e-4)  # SLQ: 8 Lanczos steps
         np.testing.assert_allclose(res["eig"], single["eig"], rtol=1e-6)
+        np.testing.assert_allclose(res["power"], single["power"], rtol=1e-5)
         for key in ("hutchinson", "hutch++"):
             np.testing.assert_allclose(res[key][:2], single[key][:2], rtol=1e-6)
             assert res[key][2] == single[key][2]  # every product counted once
