@@ -172,7 +172,7 @@ def parse_args(argv=None):
     # MiniLM forward of 32 sentences takes about 0.5 s, and the study probes 30 runs (λ₁ to 1 %)
     add_probe_arguments(p, spaces=["lora", "merged"], examples=32, sigmas=[0.05, 0.1], noise_samples=8,
                         directions=2, alphas=7, eig_tol=1e-2)
-    p.add_argument("--robust-examples", type=int, default=300)
+    p.add_argument("--robust-examples", type=int, default=150)
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
