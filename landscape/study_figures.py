@@ -104,7 +104,7 @@ def fig_eigenvalues(probes: pd.DataFrame, *, task: str = "") -> Figure:
     ax.set_xticks(np.arange(len(spaces)), spaces)
     ax.set_yscale("log")
     ax.set_ylabel("top Hessian eigenvalue λ₁")
-    ax.set_title(f"{task}: λ₁ per space (mean ± std over seeds)")
+    ax.set_title(f"{task}: λ₁ per space\n(mean ± std over seeds)")
     ax.legend(fontsize=7)
     return fig
 
@@ -140,6 +140,6 @@ def fig_robustness(robust: pd.DataFrame, *, task: str = "") -> Figure:
     _grouped_bars(ax, robust, "condition", conditions, "drop", methods)
     ax.set_xticks(np.arange(len(conditions)), conditions, rotation=30, ha="right")
     ax.set_ylabel("accuracy drop (clean − corrupted)")
-    ax.set_title(f"{task}: robustness to messy input (mean ± std over seeds)")
+    ax.set_title(f"{task}: robustness to messy input\n(mean ± std over seeds)")
     ax.legend(fontsize=7)
     return fig
