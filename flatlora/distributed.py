@@ -147,8 +147,8 @@ def mean_over_ranks(value: float) -> float:
     if not is_distributed():
         return float(value)
     t = _scalar(value)
-    dist.all_reduce(t)
-    return float(t) / world_size()
+    all_reduce_mean_([t])
+    return float(t)
 
 
 def all_ranks(flag: bool) -> bool:

@@ -162,7 +162,7 @@ class HessianOperator(LinearOperator):
         """H X. Under ``torchrun`` the columns are split across ranks (each product on all the data
         on one rank, no communication per product) and gathered once; in one process, column by column."""
         if distributed.world_size() == 1 or X.shape[1] < 2:
-            return np.column_stack([self._matvec(X[:, j]) for j in range(X.shape[1])])
+            return super()._matmat(X)  # LinearOperator's: one matvec per column
         if self._session is None:
             with self.session():
                 return self._matmat(X)
