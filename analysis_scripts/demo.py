@@ -17,11 +17,10 @@ import pandas as pd
 from flatlora import TrainConfig, distributed, run
 from flatlora.io import atomic_write_text
 from landscape.plot import save_figure
-from landscape.probe_suite import ProbeSettings
-from landscape.study_figures import fig_lines
-from landscape.study_report import markdown_table
-
-from probe import probe_runs
+from landscape.study.figures import fig_lines
+from landscape.study.pipeline import probe_runs
+from landscape.study.report import markdown_table
+from landscape.study.suite import ProbeSettings
 
 METHODS = ("lora", "flat-lora")
 SETTINGS = ProbeSettings(spaces=("lora", "merged"), sigmas=(0.05,), noise_max_samples=8, rhos=(0.05,),

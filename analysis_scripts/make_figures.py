@@ -13,33 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from landscape.plot import save_figure
-from landscape.study_figures import (fig_eigenvalues, fig_expected_loss, fig_lines, fig_planes, fig_robustness,
-                                     fig_sharpness_vs_accuracy)
-
-
-def task_figures(task_dir: Path, figures: Path) -> list[Path]:
-    task = task_dir.name
-    read = lambda name: pd.read_csv(task_dir / name) if (task_dir / name).exists() else None
-    metrics, probes, curves = read("metrics.csv"), read("probes.csv"), read("probes-curves.csv")
-    planes, robust = read("planes.csv"), read("robustness.csv")
-    made = []
-    if curves is not None:
-        made += save_figure(fig_lines(curves, task=task), figures / f"{task}-lines")
-    if planes is not None:
-        for fig, method in zip(fig_planes(planes, task=task), ("lora", "flat-lora")):
-            made += save_figure(fig, figures / f"{task}-plane-{method}")
-    if probes is not None:
-        made += save_figure(fig_expected_loss(probes, task=task), figures / f"{task}-expected-loss")
-        made += save_figure(fig_eigenvalues(probes, task=task), figures / f"{task}-eigenvalues")
-        if metrics is not None:
-            made += save_figure(fig_sharpness_vs_accuracy(probes, metrics, task=task),
-                                figures / f"{task}-sharpness-vs-accuracy")
-    if robust is not None:
-        made += save_figure(fig_robustness(robust, task=task), figures / f"{task}-robustness")
-    return made
+from landscape.study.pipeline import task_figures
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,8 @@
 """landscape — loss-landscape sharpness of LoRA models in the LoRA, merged, tangent and normal spaces.
 
-Imports :mod:`flatlora`, never the other way round.
+Imports :mod:`flatlora`, never the other way round. The Hessian lives in :mod:`landscape.hessian` (its
+public names are re-exported here); one study's code in :mod:`landscape.study`, which this package
+never imports.
 
 * :func:`space` — named coordinates (``lora``, ``merged``, ``all``, ``tangent``, ``normal``, custom)
   that can be read, offset (:meth:`Space.at`, never writing the model) and differentiated;
@@ -21,10 +23,6 @@ from .loss import Loss
 from .noise import expected_loss
 from .space import SPACES, Space, SpaceError, orthonormal_basis, space
 from .worst_case import worst_case_sharpness
-from .hessian_attention import AttentionError
-from .hessian_dense import dense_hessian
-from .hessian_density import HessianDensity, hessian_density
-from .hessian_operator import HessianError, HessianOperator
-from .hessian_spectrum import HessianEigenvalues, hessian_eigenvalues
-from .hessian_trace import TraceEstimate, hessian_trace
+from .hessian import (AttentionError, HessianDensity, HessianEigenvalues, HessianError, HessianOperator,
+                      TraceEstimate, dense_hessian, hessian_density, hessian_eigenvalues, hessian_trace)
 from .plot import plot_hessian_density

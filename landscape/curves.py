@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from flatlora import distributed
 
 from .directions import Sampler, filter_normalized, orthogonalize as gram_schmidt, sample
-from .evaluate import PointEvaluator, ResultsFile, fingerprint
+from .evaluate import PointEvaluator
+from .results import ResultsFile, fingerprint
 from .guard import preserved
 from .loss import Loss
 from .space import Direction, Selector, Space, as_space

@@ -1,5 +1,5 @@
 """Evaluating a :class:`Loss` at offsets in a :class:`Space`: one point with its gradient, or many points
-at once; and the partial-results file that makes long probes resumable.
+at once. (Resumable result files: :mod:`landscape.results`.)
 
 :class:`PointEvaluator` evaluates L(θ + δ_p) for a stack of offsets δ_1 … δ_P. Where the model
 allows it (``torch.func.vmap`` over :meth:`Space.at`) and it pays (small models such as the digits
@@ -11,22 +11,18 @@ decided once on the first chunk. The results are the same either way.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from flatlora import distributed
-from flatlora.io import atomic_write_json, read_json
 
 from .loss import Loss
 from .space import Direction, Space
 
-__all__ = ["value_and_grad", "PointEvaluator", "ResultsFile", "fingerprint", "VMAP_MAX_FLOATS"]
+__all__ = ["value_and_grad", "PointEvaluator", "VMAP_MAX_FLOATS"]
 
 #: the auto choice of points per vectorized forward keeps P · dim under this many floats
 VMAP_MAX_FLOATS = 2**24
@@ -146,71 +142,3 @@ class PointEvaluator:
             out = self._looped(offsets, count)
         out = out.cpu().numpy()
         return out[:, 0], out[:, 1]
-
-
-def fingerprint(space: Space, d: Direction) -> str:
-    """A short hash of a direction's values (to check that a resumed probe uses the same directions)."""
-    v = space.to_vector(d).detach().to("cpu", torch.float32).contiguous().numpy()
-    return hashlib.sha1(v.tobytes()).hexdigest()[:16]
-
-
-class ResultsFile:
-    """A probe's partial results: ``{"meta": …, "rows": […]}`` written atomically, so that a probe
-    stopped at any time resumes where it was. A file made by another probe (other ``meta``: space,
-    grid, directions, seed, batches…) is an error, found before any work.
-
-    Under ``torchrun`` each rank adds its own rows to a shard file of its own
-    (``NAME.rank{r}-of-{W}.json``, :func:`flatlora.distributed.shard_path`); :meth:`gather` joins
-    every rank's rows, rank 0 writes the whole file, and the shard files are removed. ``rows`` holds
-    the rows of the whole file (if any) and this rank's."""
-
-    def __init__(self, path: Optional[str], meta: dict[str, Any], min_interval_s: float = 2.0):
-        self.final = Path(path) if path is not None else None
-        self.path = distributed.shard_path(self.final) if self.final is not None else None
-        self.meta = meta
-        self.min_interval_s = min_interval_s
-        self._last_save = time.monotonic()
-        self.previous = self._load(self.final) if self.final != self.path else []  # rows of a whole, earlier file
-        self.rows: list[dict] = self.previous + self._load(self.path)
-
-    def _load(self, path: Optional[Path]) -> list[dict]:
-        if path is None or not path.exists():
-            return []
-        saved = read_json(path)
-        # compare through JSON so that tuples, numpy floats … compare as they were written
-        mine = _json_roundtrip(self.meta)
-        if saved.get("meta") != mine:
-            diff = sorted(k for k in set(mine) | set(saved.get("meta", {})) if saved.get("meta", {}).get(k) != mine.get(k))
-            raise ValueError(f"{path} holds results of another probe (differs in {diff}); "
-                             "delete it or pass another results_path")
-        return saved["rows"]
-
-    def add(self, rows: list[dict], *, final: bool = False) -> None:
-        self.rows.extend(rows)
-        if self.path is not None and (final or time.monotonic() - self._last_save >= self.min_interval_s):
-            self.save()
-
-    def save(self) -> None:
-        if self.path is not None:
-            atomic_write_json(self.path, {"meta": self.meta, "rows": self.rows[len(self.previous):]})
-            self._last_save = time.monotonic()
-
-    def gather(self) -> list[dict]:
-        """Every rank's rows (the earlier whole file's first, then rank 0's, rank 1's …); written
-        to the whole file by rank 0. In one process: :meth:`save`."""
-        if not distributed.is_distributed():
-            self.save()
-            return self.rows
-        new = distributed.all_gather_objects(self.rows[len(self.previous):])
-        self.rows = self.previous + [row for part in new for row in part]
-        if self.final is not None:
-            if distributed.is_main():
-                atomic_write_json(self.final, {"meta": self.meta, "rows": self.rows})
-            distributed.barrier()
-            self.path.unlink(missing_ok=True)
-        self.previous = self.rows
-        return self.rows
-
-
-def _json_roundtrip(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))

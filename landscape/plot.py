@@ -115,7 +115,7 @@ def save_figure(fig, path: Union[str, os.PathLike]) -> list[Path]:
 
 def plot_hessian_density(density, *, sigma: Optional[float] = None, ax=None, logy: bool = True,
                          label: Optional[str] = None, title: Optional[str] = None):
-    """The eigenvalue density of :func:`~landscape.hessian_density` (SLQ rules smoothed with a Gaussian
+    """The eigenvalue density of :func:`~landscape.hessian.density` (SLQ rules smoothed with a Gaussian
     of width ``sigma``, default 1% of their range), on a log density axis by default — the bulk near 0
     dwarfs the outliers (Ghorbani et al., 2019). Pass ``ax`` to overlay spaces or checkpoints.
     Returns the figure."""

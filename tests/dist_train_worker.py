@@ -10,32 +10,10 @@ from pathlib import Path
 
 import torch
 
-import flatlora.training
+import flatlora.training.runs
 from flatlora import FlatLoRA, TrainConfig, distributed, get_task, run
 from flatlora.methods import StepRunner
-
-BATCH, STEPS = 16, 20  # per rank; the train split (≈600) holds 18 steps of 2 × 16: one epoch boundary
-RUNS = {  # name: settings (lora_dropout 0: equal to one process with batch 2 × 16 up to rounding)
-    "lora": dict(method="lora"),
-    "flat-shared": dict(method="flat-lora", shared_noise=True),
-    "flat-independent": dict(method="flat-lora"),
-    "sam-global": dict(method="sam-lora", sam_gradient="global", rho=0.05),
-    "sam-local": dict(method="sam-lora", rho=0.05),
-}
-
-
-def digits_task():
-    """digits-mlp with its model pretrained once (``build_model`` is deterministic, and
-    ``prepare_model`` reseeds after it): every run() then skips the pretraining."""
-    task = get_task("digits-mlp")
-    pretrained = task.build_model()
-    task.build_model = lambda: copy.deepcopy(pretrained)
-    return task
-
-
-def config(**kw) -> TrainConfig:
-    return TrainConfig(**{"task": "digits-mlp", "batch_size": BATCH, "steps": STEPS, "lora_dropout": 0.0, **kw})
-
+from helpers import BATCH, RUNS, STEPS, config, digits_task
 
 def trainable(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -53,12 +31,12 @@ def record_calls(module, name: str, log: list) -> None:
 
 
 def train_sam_trainer(gradient: str, out: Path) -> dict:
-    """SAMTrainer (ASAM on the merged weights) on test_sam_train's 8 examples: 2 per rank × 2
+    """SAMTrainer (ASAM on the merged weights) on the 8 examples of helpers.examples: 2 per rank × 2
     accumulated micro-batches × 2 ranks, so every step sees all 8."""
     from transformers import TrainingArguments
 
     from flatlora import SAMTrainer
-    from test_sam_train import dict_lora_net, examples
+    from helpers import dict_lora_net, examples
 
     model = dict_lora_net()
     args = TrainingArguments(
@@ -77,7 +55,7 @@ def main(out: Path) -> None:
     result = {"rank": distributed.rank(), "world_size": distributed.world_size(), "states": {}, "seeds": {},
               "metrics": {}, "writes": []}
     for name in ("atomic_write_json", "atomic_torch_save", "save_model"):  # what this rank writes in run()
-        record_calls(flatlora.training, name, result["writes"])
+        record_calls(flatlora.training.runs, name, result["writes"])
     current = {}
     original_noise = FlatLoRA.noise
 

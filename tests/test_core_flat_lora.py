@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from scipy import stats
 from torch import nn
 
-from conftest import TwoLayer, make_gpt2_lora, make_linear_lora
+from helpers import TwoLayer, make_gpt2_lora, make_linear_lora
 from flatlora import FlatLoRA, UnsupportedAdapterError, filter_noise_std, lora_layers, sigma_schedule
 
 

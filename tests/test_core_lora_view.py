@@ -6,7 +6,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
-from conftest import TwoLayer, make_conv_lora, make_gpt2_lora, make_linear_lora
+from helpers import TwoLayer, make_conv_lora, make_gpt2_lora, make_linear_lora
 from flatlora import UnsupportedAdapterError, lora_layers
 
 

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_conv_lora, make_gpt2_lora, make_linear_lora
+from helpers import make_conv_lora, make_gpt2_lora, make_linear_lora
 from flatlora import PerturbationError, SeededGaussian, lora_layers, perturbed
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train_worker import BATCH, RUNS, STEPS, config, digits_task
-from test_sam_train import dict_lora_net, examples
+from helpers import BATCH, RUNS, STEPS, config, dict_lora_net, digits_task, examples
 from flatlora import TrainConfig, get_method, load_run, noise_seed, run
 from flatlora.training import RunExistsError
 

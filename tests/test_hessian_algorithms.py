@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.hessian_dense import dense_matrix
-from landscape.hessian_density import HessianDensity, stochastic_lanczos_quadrature
-from landscape.hessian_spectrum import lanczos, power_iteration
-from landscape.hessian_trace import hutch_plus_plus, hutchinson
+from landscape.hessian.dense import dense_matrix
+from landscape.hessian.density import HessianDensity, stochastic_lanczos_quadrature
+from landscape.hessian.spectrum import lanczos, power_iteration
+from landscape.hessian.trace import hutch_plus_plus, hutchinson
 
 
 def symmetric(eigenvalues, seed=0):

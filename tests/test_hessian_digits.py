@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from flatlora import get_task
 from landscape import (Loss, dense_hessian, expected_loss, hessian_density, hessian_eigenvalues, hessian_trace,
                        plot_hessian_density, snapshot)
-from test_hessian_operator import reference_hessian
+from helpers import reference_hessian
 
 
 def fit(model, loss, steps, lr=1e-2):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import _nonzero_B
+from helpers import _nonzero_B
 from landscape import (AttentionError, HessianError, HessianOperator, Loss, hessian_eigenvalues, snapshot)
 
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
-from conftest import make_linear_lora
+from helpers import make_linear_lora, reference_hessian
 from flatlora import lora_layers
 from landscape import Loss, space, snapshot
-from landscape.hessian_dense import dense_hessian
-from landscape.hessian_operator import HessianOperator
+from landscape.hessian.dense import dense_hessian
+from landscape.hessian.operator import HessianOperator
 
 BACKENDS = ["double-backward", "func", "finite-difference"]
 
@@ -24,22 +24,6 @@ BACKENDS = ["double-backward", "func", "finite-difference"]
 def batches(n_in=12, sizes=(5, 3), seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, n_in, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)) for n in sizes]
-
-
-def reference_hessian(model, data, names):
-    """Dense Hessian of Σ_b n_b CE_b / N in the parameters ``names`` (flattened in that order)."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    shapes = [params[n].shape for n in names]
-    sizes = [params[n].numel() for n in names]
-    total = sum(len(y) for _, y in data)
-
-    def f(flat):
-        local = dict(params)
-        local.update({n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)})
-        return sum(F.cross_entropy(functional_call(model, local, (x,)), y) * len(y) / total for x, y in data)
-
-    model.eval()
-    return hessian(f)(torch.cat([params[n].reshape(-1) for n in names]))
 
 
 def tangent_projector(model):

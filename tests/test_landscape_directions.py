@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_conv_lora, make_linear_lora
+from helpers import make_conv_lora, make_linear_lora
 from flatlora import filter_noise_std
 from landscape import Loss, ModelChangedError, SpaceError, preserved, snapshot, space
 from landscape import directions as D

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_gpt2_lora, make_linear_lora
+from helpers import make_gpt2_lora, make_linear_lora
 from landscape import Loss
 
 

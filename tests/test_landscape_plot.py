@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_linear_lora
+from helpers import make_linear_lora
 from landscape import Loss, expected_loss, loss_line, loss_plane
 from landscape import plot
 

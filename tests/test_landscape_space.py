@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TwoLayer, make_conv_lora, make_gpt2_lora, make_linear_lora
+from helpers import TwoLayer, make_conv_lora, make_gpt2_lora, make_linear_lora
 from flatlora import UnsupportedAdapterError, lora_layers
 from landscape import Loss, SpaceError, space
 from landscape.evaluate import PointEvaluator, value_and_grad

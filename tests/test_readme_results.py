@@ -1,12 +1,12 @@
 """The README's study numbers are the committed results files' numbers: every table row that
-``landscape.study_report`` makes from results/study/TASK/{metrics,probes,robustness}.csv — accuracy
+``landscape.study.report`` makes from results/study/TASK/{metrics,probes,robustness}.csv — accuracy
 with its tests, sharpness per space, robustness — appears in README.md as it is."""
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from landscape.study_report import accuracy_section, robustness_section, sharpness_section
+from landscape.study.report import accuracy_section, robustness_section, sharpness_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = sorted(d for d in (ROOT / "results" / "study").iterdir() if (d / "metrics.csv").exists())

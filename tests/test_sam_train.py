@@ -12,40 +12,12 @@ from torch import nn
 
 from flatlora import TrainConfig, UnsupportedAdapterError, get_method, get_task, prepare_model, run, train_loop
 from flatlora.training import micro_batches
+from helpers import DictNet, dict_lora_net, examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------- Trainer
-class DictNet(nn.Module):
-    """A model in the Trainer's convention: keyword inputs, a dict with the loss out."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
-
-    def forward(self, x, labels=None):
-        logits = self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
-def dict_lora_net():
-    torch.manual_seed(0)
-    model = get_peft_model(DictNet(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"],
-                                                 modules_to_save=["head"], lora_dropout=0.0))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    return model
-
-
-def examples(n=8):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
-    return [{"x": x[i], "labels": y[i]} for i in range(n)]
-
-
 def sam_trainer(model, tmp_path, **kwargs):
     from transformers import TrainingArguments
 

@@ -1,14 +1,13 @@
 """The whole study pipeline in miniature: train, probe, figures and report on digits-mlp, 2 seeds."""
-import sys
+import runpy
 from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "analysis_scripts"))
+from flatlora import METHODS
 
-import mismatch_study  # noqa: E402
-from flatlora import METHODS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+mismatch_study = runpy.run_path(str(ROOT / "analysis_scripts" / "mismatch_study.py"), run_name="mismatch_study")
 
 STUDY_METHODS = [m for m in ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full") if m in METHODS]
 
@@ -17,7 +16,7 @@ def test_miniature_study_end_to_end(tmp_path):
     args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--figures", str(tmp_path / "fig"),
             "--tasks", "digits-mlp", "--methods", *STUDY_METHODS, "--seeds", "0", "1", "--steps", "digits-mlp=10",
             "--examples", "32", "--spaces", "lora", "merged", "tangent", "normal", "--no-progress"]
-    assert mismatch_study.main(args) == 0
+    assert mismatch_study["main"](args) == 0
     res = tmp_path / "results" / "digits-mlp"
     metrics = pd.read_csv(res / "metrics.csv")
     assert sorted(metrics["method"].unique()) == sorted(STUDY_METHODS) and set(metrics["seed"]) == {0, 1}
@@ -38,5 +37,5 @@ def test_miniature_study_end_to_end(tmp_path):
     assert "Welch" in report and "flat-lora" in report and "digits-mlp-lines.png" in report
     # a second call reuses every finished piece (no retraining): it is resumable
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}
-    assert mismatch_study.main(args[:-1] + ["--stage", "train", "--no-progress"]) == 0
+    assert mismatch_study["main"](args[:-1] + ["--stage", "train", "--no-progress"]) == 0
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}

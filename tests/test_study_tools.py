@@ -1,8 +1,8 @@
 """Text corruptions (seeded, paired across models) and the paired error analysis."""
 import pytest
 
-from landscape.corruption import CORRUPTIONS, LEVELS, corrupt, corrupt_all
-from landscape.error_analysis import compare_predictions
+from landscape.study.corruption import CORRUPTIONS, LEVELS, corrupt, corrupt_all
+from landscape.study.error_analysis import compare_predictions
 
 TEXT = "a gripping story, with superb acting and a script that never lets go of you."
 

@@ -30,35 +30,11 @@ import torch
 from flatlora import FlatLoRA, StepRunner, TrainConfig, get_task, lora_layers, prepare_model
 from flatlora.batches import batch_to
 from flatlora.io import atomic_write_text
+from flatlora.memory import peak_step_memory
 from flatlora.methods import FlatLoRAStep
 from flatlora.training import micro_batches
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def peak_step_memory(runner, batch, step: int, device: torch.device) -> int:
-    """Peak bytes of live tensors during one optimizer step, above those live before it."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler import _memory_profiler as mp  # the engine behind profile.export_memory_timeline
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        runner.step([batch], step)
-    live, peak, start = 0, 0, None
-    for t, action, key, size in mp.MemoryProfile(prof.profiler.kineto_results).timeline:
-        if key[0].device.type != device.type:
-            continue
-        if action == mp.Action.PREEXISTING:
-            live += size
-            continue
-        if start is None:
-            start = live
-        if action == mp.Action.CREATE:
-            live += size
-        elif action == mp.Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak - (start or 0)
 
 
 def drift(model, mode: str, steps: int, sigma: float) -> float:

@@ -10,7 +10,7 @@ sam-lora, sam-full, lora, …) so machine noise hits all alike:
 
 * step time (both passes for SAM, forward + backward + AdamW) — medians and ratios to LoRA;
 * peak tensor memory of one step above the memory held before it — every tensor allocation and free
-  the PyTorch profiler records (``peak_step_memory`` of ``bench_flatlora_step.py``) — its excess
+  the PyTorch profiler records (:func:`flatlora.memory.peak_step_memory`) — its excess
   over LoRA's, and the size of the adapted weights Σ m·n, which ``sam-full`` must hold as ε_W.
 
 Flat-LoRA runs its ``constant`` σ schedule so that every timed step is perturbed (the cosine
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_flatlora_step import peak_step_memory  # the same memory measure as the Flat-LoRA benchmark
 
 from flatlora import TrainConfig, get_method, get_task, lora_layers, prepare_model
 from flatlora.io import atomic_write_text
+from flatlora.memory import peak_step_memory
 from flatlora.training import micro_batches
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .hessian_linalg import as_operator
+from .linalg import as_operator
 
 __all__ = ["dense_matrix", "dense_hessian", "DENSE_MAX_DIM"]
 
@@ -49,7 +49,7 @@ def dense_hessian(model, loss, space="lora", *, max_dim: int = DENSE_MAX_DIM, pr
     Raises:
         ValueError: the space has more than ``max_dim`` coordinates — before any work.
     """
-    from .hessian_operator import HessianOperator
+    from .operator import HessianOperator
 
     op = HessianOperator(model, loss, space, **operator_options)
     _check_size(op.shape[0], max_dim)

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-from .hessian_linalg import as_operator, gaussian, generator
+from .linalg import as_operator, gaussian, generator
 
 __all__ = ["lanczos", "power_iteration", "HessianEigenvalues", "hessian_eigenvalues", "EIGEN_METHODS", "WHICH",
            "default_ncv"]
@@ -227,7 +227,7 @@ def hessian_eigenvalues(model, loss, space="lora", k: int = 1, *, method: str = 
     Raises:
         ValueError: unknown method or ``which``, k out of range, bad ``tol`` — before any work.
     """
-    from .hessian_operator import HessianOperator
+    from .operator import HessianOperator
 
     _check_eigen_args(k, None, method, which, tol)
     op = HessianOperator(model, loss, space, **operator_options)

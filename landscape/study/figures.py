@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from .plot import plot_lines, plot_plane
+from ..plot import plot_lines, plot_plane
 
 __all__ = ["fig_lines", "fig_planes", "fig_expected_loss", "fig_eigenvalues", "fig_sharpness_vs_accuracy",
            "fig_robustness"]

@@ -24,156 +24,25 @@ rank; Flat-LoRA's σ schedule runs over them. Flat-LoRA's noise is independent p
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import resource
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import distributed
-from .io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
-from .methods import StepRunner, get_method
-from .sam import SAM_GRADIENTS
-from .tasks import Task, get_task
+from .. import distributed
+from ..memory import peak_memory_mb
+from ..io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
+from ..methods import get_method
+from ..tasks import Task, get_task
+from .config import RunExistsError, TrainConfig
+from .loop import micro_batches, train_loop
 
-__all__ = ["TrainConfig", "train_loop", "micro_batches", "prepare_model", "run", "load_run", "RunExistsError"]
-
-
-class RunExistsError(FileExistsError):
-    """The output folder holds a finished run (or a run with other settings)."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run. ``None`` means the task's default (see ``Task.defaults``)."""
-
-    task: str = "rt-minilm"
-    method: str = "lora"
-    rank: Optional[int] = None
-    alpha: Optional[float] = None
-    sigma: Optional[float] = None
-    lr: Optional[float] = None
-    steps: Optional[int] = None
-    epochs: Optional[float] = None
-    batch_size: Optional[int] = None
-    grad_accum: int = 1
-    seed: int = 0
-    schedule: str = "cosine"
-    mode: str = "exact"
-    rho: Optional[float] = None
-    lora_dropout: float = 0.05
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    max_grad_norm: Optional[float] = 1.0
-    eval_batch_size: int = 128
-    checkpoint_every: int = 100
-    shared_noise: bool = False  # several processes: rank 0's Flat-LoRA noise on every rank, not each its own
-    sam_gradient: str = "local"  # several processes: SAM's ε from each rank's own gradient, or "global" (their mean)
-    task_options: dict = dataclasses.field(default_factory=dict)
-
-    def resolved(self, task: Task, world_size: int = 1) -> "TrainConfig":
-        """Fill the unset fields from the task's defaults, and check everything before any work.
-
-        ``world_size`` processes (data parallelism) take W · batch_size · grad_accum examples a step."""
-        d = task.defaults
-        # full fine-tuning moves every weight: it needs a far smaller step than LoRA (task default "full_lr")
-        default_lr = d.get("lr", 5e-4) if get_method(self.method).uses_lora else d.get("full_lr", d.get("lr", 5e-4))
-        cfg = dataclasses.replace(
-            self,
-            rank=self.rank if self.rank is not None else d.get("rank", 8),
-            alpha=self.alpha if self.alpha is not None else d.get("alpha", 16),
-            sigma=self.sigma if self.sigma is not None else d.get("sigma", 0.05),
-            lr=self.lr if self.lr is not None else default_lr,
-            batch_size=self.batch_size if self.batch_size is not None else d.get("batch_size", 16),
-        )
-        for name, value in (("rank", cfg.rank), ("batch_size", cfg.batch_size), ("grad_accum", cfg.grad_accum)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if cfg.sigma < 0 or not math.isfinite(cfg.sigma):
-            raise ValueError(f"sigma must be >= 0, got {cfg.sigma}")
-        if cfg.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {cfg.lr}")
-        if cfg.rho is not None and cfg.rho < 0:
-            raise ValueError(f"rho must be >= 0, got {cfg.rho}")
-        if cfg.sam_gradient not in SAM_GRADIENTS:
-            raise ValueError(f"sam_gradient must be one of {SAM_GRADIENTS}, got {cfg.sam_gradient!r}")
-        if cfg.steps is not None and cfg.epochs is not None:
-            raise ValueError("give either steps or epochs, not both")
-        step_batch = world_size * cfg.batch_size * cfg.grad_accum
-        per_epoch = len(task.splits["train"]) // step_batch
-        if per_epoch < 1:
-            raise ValueError(f"the train split ({len(task.splits['train'])} examples) is smaller than one step's "
-                             f"batch ({world_size} process(es) × batch_size {cfg.batch_size} × grad_accum "
-                             f"{cfg.grad_accum})")
-        if cfg.steps is None:
-            cfg.steps = int(round(cfg.epochs * per_epoch)) if cfg.epochs is not None else int(d.get("steps", 250))
-        if cfg.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-        return cfg
-
-
-def micro_batches(task: Task, batch_size: int, seed: int, split: str = "train", *, rank: int = 0,
-                  world_size: int = 1) -> Callable[[int], Any]:
-    """``k -> the k-th micro-batch``: epochs of a seeded shuffle (a fresh order each epoch, the
-    incomplete last batch dropped). Deterministic in (seed, k), so a resumed run sees the same data.
-
-    Sharded over ``world_size`` W processes, the global micro-batch k is the one a single process
-    gets with batch W · ``batch_size``, and ``rank`` r collates its slice [r·b, (r+1)·b)."""
-    examples = task.splits[split]
-    global_batch = world_size * batch_size
-    per_epoch = len(examples) // global_batch
-    orders: dict[int, np.ndarray] = {}
-
-    def get(k: int) -> Any:
-        epoch, pos = divmod(k, per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(len(examples))
-        start = pos * global_batch + rank * batch_size
-        idx = orders[epoch][start : start + batch_size]
-        return task.collate([examples[i] for i in idx])
-
-    get.per_epoch = per_epoch
-    return get
-
-
-def train_loop(
-    runner: StepRunner,
-    batch_at: Callable[[int], Any],
-    steps: int,
-    *,
-    grad_accum: int = 1,
-    start_step: int = 0,
-    device: Optional[torch.device] = None,
-    progress: bool = True,
-    on_step: Optional[Callable[[int, float], None]] = None,
-) -> list[float]:
-    """Run optimizer steps ``start_step … steps-1``; step t uses micro-batches t·k … t·k+k−1
-    (k = ``grad_accum``). Returns the losses of the steps run. ``on_step(t, loss)`` after each."""
-    from .batches import batch_to
-
-    runner.model.train()
-    losses = []
-    bar = tqdm(range(start_step, steps), desc="train", disable=not progress, initial=start_step, total=steps,
-               dynamic_ncols=True)
-    for t in bar:
-        mbs = [batch_at(t * grad_accum + j) for j in range(grad_accum)]
-        if device is not None:
-            mbs = [batch_to(b, device) for b in mbs]
-        loss = runner.step(mbs, t)
-        losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if on_step is not None:
-            on_step(t, loss)
-    return losses
+__all__ = ["prepare_model", "run", "load_run", "save_model"]
 
 
 def prepare_model(task: Task, cfg: TrainConfig) -> nn.Module:
@@ -199,13 +68,6 @@ def _optimizer(model: nn.Module, cfg: TrainConfig):
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _peak_memory_mb(device: torch.device) -> dict:
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
 
 
 def _config_dict(cfg: TrainConfig, world_size: int) -> dict:
@@ -328,7 +190,7 @@ def run(
             "majority_baseline": task.majority_baseline() if task.kind == "classification" else None,
             "evals": state["evals"], "train_loss": state["train_loss"],
             "wall_time_s": wall, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            **_peak_memory_mb(dev),
+            **peak_memory_mb(dev),
         }
         if out is not None:
             save_model(model, out, uses_lora=method.uses_lora)

@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from .curves import loss_line
-from .hessian_spectrum import hessian_eigenvalues
-from .hessian_trace import hessian_trace
-from .loss import Loss
-from .noise import expected_loss
-from .space import Space, space
-from .worst_case import worst_case_sharpness
+from ..curves import loss_line
+from ..hessian.spectrum import hessian_eigenvalues
+from ..hessian.trace import hessian_trace
+from ..loss import Loss
+from ..noise import expected_loss
+from ..space import Space, space
+from ..worst_case import worst_case_sharpness
 
 __all__ = ["ProbeSettings", "probe_model", "probe_spaces"]
 
@@ -60,6 +60,34 @@ class ProbeSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @staticmethod
+    def add_arguments(parser, **defaults) -> None:
+        """The settings (and the probe data: split, examples, batch size) as command-line options;
+        ``defaults`` overrides the standard ones (the study's are cheaper)."""
+        d = {"spaces": ["lora", "merged", "tangent", "normal"], "examples": 64, "sigmas": [0.02, 0.05, 0.1],
+             "noise_samples": 16, "directions": 3, "alphas": 11, "eig_tol": 1e-3, **defaults}
+        parser.add_argument("--spaces", nargs="+", default=d["spaces"], help="spaces to probe")
+        parser.add_argument("--split", default="validation", help="split whose first --examples examples are probed")
+        parser.add_argument("--examples", type=int, default=d["examples"], help="probe examples (first N of the split)")
+        parser.add_argument("--batch-size", type=int, default=32, help="probe batch size")
+        parser.add_argument("--eig-k", type=int, default=1, help="top Hessian eigenvalues per space")
+        parser.add_argument("--eig-tol", type=float, default=d["eig_tol"], help="Lanczos relative residual")
+        parser.add_argument("--trace-samples", type=int, default=0, help="Hutch++ products per space (0: skip)")
+        parser.add_argument("--sigmas", nargs="+", type=float, default=d["sigmas"], help="noise scales σ of ΔL(σ)")
+        parser.add_argument("--noise-samples", type=int, default=d["noise_samples"], help="noise draws per σ (at most)")
+        parser.add_argument("--rhos", nargs="+", type=float, default=[0.05], help="worst-case radii ρ")
+        parser.add_argument("--directions", type=int, default=d["directions"], help="random directions per line")
+        parser.add_argument("--alphas", type=int, default=d["alphas"], help="points per line")
+        parser.add_argument("--seed", type=int, default=0, help="seed of every random probe")
+
+    @classmethod
+    def from_arguments(cls, a) -> "ProbeSettings":
+        """The settings given by :meth:`add_arguments`' options."""
+        return cls(spaces=tuple(a.spaces), eig_k=a.eig_k, eig_tol=a.eig_tol, trace_samples=a.trace_samples,
+                   sigmas=tuple(a.sigmas), noise_max_samples=a.noise_samples,
+                   noise_min_samples=min(8, a.noise_samples), rhos=tuple(a.rhos), num_directions=a.directions,
+                   alphas=a.alphas, seed=a.seed)
 
 
 def probe_spaces(model: nn.Module, kinds: Sequence[str], lora_targets: Optional[Sequence[str]],

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from .hessian_linalg import as_operator, generator, rademacher
+from .linalg import as_operator, generator, rademacher
 
 __all__ = ["lanczos_tridiagonal", "stochastic_lanczos_quadrature", "HessianDensity", "hessian_density"]
 
@@ -132,7 +132,7 @@ def hessian_density(model, loss, space="lora", *, num_probes: int = 2, num_steps
     has an extra spike at 0 of weight 1 − ``Space.subspace_dim`` / dim. Plot with
     :func:`landscape.plot_hessian_density`.
     """
-    from .hessian_operator import HessianOperator
+    from .operator import HessianOperator
 
     _check_slq_args(num_probes, num_steps)
     op = HessianOperator(model, loss, space, **operator_options)

@@ -1,8 +1,8 @@
 """Shared pieces of the Hessian algorithms: operator checks, product counting, seeded probes.
 
-Every algorithm (:mod:`landscape.hessian_spectrum`, :mod:`landscape.hessian_trace`,
-:mod:`landscape.hessian_density`) consumes a symmetric ``scipy.sparse.linalg.LinearOperator`` —
-the Hessian operator of :mod:`landscape.hessian_operator`, or any explicit matrix in the tests — and
+Every algorithm (:mod:`landscape.hessian.spectrum`, :mod:`landscape.hessian.trace`,
+:mod:`landscape.hessian.density`) consumes a symmetric ``scipy.sparse.linalg.LinearOperator`` —
+the Hessian operator of :mod:`landscape.hessian.operator`, or any explicit matrix in the tests — and
 reports how many matrix-vector products it used, counted here.
 """
 from __future__ import annotations

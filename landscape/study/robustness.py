@@ -1,4 +1,4 @@
-"""Accuracy under seeded input corruptions (:mod:`landscape.corruption`), per kind and level.
+"""Accuracy under seeded input corruptions (:mod:`landscape.study.corruption`), per kind and level.
 
 The clean test texts are corrupted the same way for every model (a pure function of text, kind,
 level and seed), re-tokenized with the task's own tokenizer and evaluated; the drop from the clean

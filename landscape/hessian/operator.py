@@ -23,7 +23,7 @@ in the ambient merged coordinates: zero on the complement). Three backends compu
 Products run in the model's dtype (a ``model.double()`` copy gives fp64 Hessians); the scipy side is
 float64. The model is never written: the space's ``at`` evaluates at θ + δ; the loss's mode (eval
 unless asked) and, for Hugging Face models without twice-differentiable attention, eager attention
-(:mod:`landscape.hessian_attention`) hold only inside :meth:`HessianOperator.session`, and the global
+(:mod:`landscape.hessian.attention`) hold only inside :meth:`HessianOperator.session`, and the global
 RNG is left alone (dropout in a train-mode loss draws from a fixed seed, the same masks for every
 product, so H is one fixed matrix).
 
@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 
 from flatlora import distributed
 
-from .guard import preserved
-from .hessian_attention import EAGER_HINT, eager_attention, require_eager
-from .loss import Loss
-from .space import Space, space as build_space
+from ..guard import preserved
+from .attention import EAGER_HINT, eager_attention, require_eager
+from ..loss import Loss
+from ..space import Space, space as build_space
 
 __all__ = ["HessianOperator", "HessianError", "BACKENDS"]
 
@@ -79,7 +79,7 @@ class HessianOperator(LinearOperator):
 
     Raises:
         ValueError / TypeError: bad arguments, before any forward pass.
-        landscape.hessian_attention.AttentionError: ``switch_attention=False`` on a model whose
+        landscape.hessian.attention.AttentionError: ``switch_attention=False`` on a model whose
             attention has no double backward (double-backward and func backends).
     """
 

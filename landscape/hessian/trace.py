@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .hessian_linalg import as_operator, generator, rademacher
+from .linalg import as_operator, generator, rademacher
 
 __all__ = ["hutchinson", "hutch_plus_plus", "TraceEstimate", "hessian_trace", "TRACE_METHODS"]
 
@@ -105,7 +105,7 @@ def hessian_trace(model, loss, space="lora", *, method: str = "hutch++", num_sam
     Raises:
         ValueError: unknown method or too few samples — before any work.
     """
-    from .hessian_operator import HessianOperator
+    from .operator import HessianOperator
 
     _check_trace_args(method, num_samples)
     op = HessianOperator(model, loss, space, **operator_options)
