@@ -22,11 +22,15 @@ from matplotlib.figure import Figure
 __all__ = ["plot_lines", "plot_plane", "plot_expected_loss", "save_figure", "new_figure", "plot_hessian_density"]
 
 
-def new_figure(width: float = 5.0, height: float = 3.6, projection: Optional[str] = None):
-    """(figure, axes) on an Agg canvas — no pyplot state, works without a display."""
-    fig = Figure(figsize=(width, height), layout="constrained")
+def new_figure(width: float = 5.0, height: float = 3.6, projection: Optional[str] = None, *, panels: Optional[int] = None,
+               sharey: bool = False):
+    """A figure on an Agg canvas — no pyplot state, works without a display — and its axes: one axes
+    (``panels=None``), or a row of ``panels`` axes, each ``width`` wide (a list)."""
+    fig = Figure(figsize=(width * (panels or 1), height), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(projection=projection)
+    if panels is None:
+        return fig, fig.add_subplot(projection=projection)
+    return fig, list(fig.subplots(1, panels, sharey=sharey, squeeze=False, subplot_kw={"projection": projection})[0])
 
 
 def _groups(frame: pd.DataFrame, by: str):

@@ -116,7 +116,7 @@ def test_batches_are_weighted_by_sample_count_with_or_without_kept_graphs(lora64
 
 def test_train_mode_fixes_dropout_masks_and_leaves_the_global_rng_alone():
     from peft import LoraConfig, get_peft_model
-    from conftest import TwoLayer
+    from helpers import TwoLayer
 
     torch.manual_seed(0)
     model = get_peft_model(TwoLayer(), LoraConfig(r=3, target_modules=["fc1", "fc2"], lora_dropout=0.5,

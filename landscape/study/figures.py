@@ -17,19 +17,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from ..plot import plot_lines, plot_plane
+from ..plot import new_figure, plot_lines, plot_plane
 
 __all__ = ["fig_lines", "fig_planes", "fig_expected_loss", "fig_eigenvalues", "fig_sharpness_vs_accuracy",
            "fig_robustness"]
-
-
-def _panels(n: int, width: float = 4.2, height: float = 3.4, sharey: bool = False):
-    fig = Figure(figsize=(width * n, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n, sharey=sharey, squeeze=False)[0]
-    return fig, list(axes)
 
 
 def _present(values: Sequence[str], order: Sequence[str]) -> list[str]:
@@ -44,7 +36,7 @@ SPACE_ORDER = ("lora", "merged", "tangent", "normal", "all")
 def fig_lines(curves: pd.DataFrame, *, spaces: Sequence[str] = ("merged", "lora"),
               methods: Sequence[str] = ("lora", "flat-lora"), task: str = "") -> Figure:
     sel = curves[curves["method"].isin(methods)]
-    fig, axes = _panels(len(spaces), sharey=False)
+    fig, axes = new_figure(4.2, 3.4, panels=len(spaces))
     for ax, sp in zip(axes, spaces):
         part = sel[sel["space"] == sp].copy()
         if part.empty:
@@ -72,7 +64,7 @@ def _errorbar_groups(ax, frame: pd.DataFrame, x: str, label_col: str, order: Seq
 def fig_expected_loss(probes: pd.DataFrame, *, task: str = "") -> Figure:
     sel = probes[probes["measure"] == "expected_loss"]
     spaces = _present(sel["space"], SPACE_ORDER)
-    fig, axes = _panels(len(spaces), 3.6, 3.2)
+    fig, axes = new_figure(3.6, 3.2, panels=len(spaces))
     for ax, sp in zip(axes, spaces):
         _errorbar_groups(ax, sel[sel["space"] == sp], "x", "method", METHOD_ORDER)
         ax.set_xscale("log")
@@ -98,7 +90,7 @@ def fig_eigenvalues(probes: pd.DataFrame, *, task: str = "") -> Figure:
     sel = probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1)]
     spaces = _present(sel["space"], SPACE_ORDER)
     methods = _present(sel["method"], METHOD_ORDER)
-    fig, axes = _panels(1, 1.6 + 1.3 * len(spaces), 3.4)
+    fig, axes = new_figure(1.6 + 1.3 * len(spaces), 3.4, panels=1)
     ax = axes[0]
     _grouped_bars(ax, sel, "space", spaces, "value", methods)
     ax.set_xticks(np.arange(len(spaces)), spaces)
@@ -112,7 +104,7 @@ def fig_eigenvalues(probes: pd.DataFrame, *, task: str = "") -> Figure:
 def fig_sharpness_vs_accuracy(probes: pd.DataFrame, metrics: pd.DataFrame, *, task: str = "",
                               measures: Sequence[tuple] = (("eigenvalue", 1.0, "λ₁"), ("expected_loss", 0.05, "ΔL(σ=0.05)")),
                               space: str = "merged") -> Figure:
-    fig, axes = _panels(len(measures), 3.8, 3.2)
+    fig, axes = new_figure(3.8, 3.2, panels=len(measures))
     for ax, (measure, x, label) in zip(axes, measures):
         sel = probes[(probes["measure"] == measure) & np.isclose(probes["x"], x) & (probes["space"] == space)]
         joined = sel.merge(metrics, on=["task", "method", "seed"])
@@ -135,7 +127,7 @@ def fig_robustness(robust: pd.DataFrame, *, task: str = "") -> Figure:
     robust = robust.assign(condition=robust["kind"] + "/" + robust["level"])
     conditions = list(dict.fromkeys(robust["condition"]))
     methods = _present(robust["method"], METHOD_ORDER)
-    fig, axes = _panels(1, 2 + 0.9 * len(conditions), 3.4)
+    fig, axes = new_figure(2 + 0.9 * len(conditions), 3.4, panels=1)
     ax = axes[0]
     _grouped_bars(ax, robust, "condition", conditions, "drop", methods)
     ax.set_xticks(np.arange(len(conditions)), conditions, rotation=30, ha="right")
