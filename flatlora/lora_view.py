@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRALayerView", "UnsupportedAdapterError", "lora_layers", "base_weight_names"]
+__all__ = ["LoRALayerView", "UnsupportedAdapterError", "lora_layers", "base_weight_names", "transposed_weights"]
 
 
 class UnsupportedAdapterError(ValueError):
@@ -234,3 +234,11 @@ def lora_layers(model: nn.Module) -> list[LoRALayerView]:
 def base_weight_names(model: nn.Module) -> list[str]:
     """Names of the base-weight parameters of all LoRA-adapted layers."""
     return [v.weight_name for v in lora_layers(model)]
+
+
+def transposed_weights(model: nn.Module) -> set[str]:
+    """Qualified names of the weights stored in × out, the transpose of the out × in convention: those of
+    transformers' ``Conv1D`` (GPT-2's attention and MLP projections, peft's ``fan_in_fan_out``), whether
+    LoRA wraps the layer or not. An output unit of such a weight is a column, not a row."""
+    conv1d = _conv1d_type()
+    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, conv1d)}

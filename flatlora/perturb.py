@@ -14,6 +14,10 @@ W + ΔW. :func:`perturbed` does it, in two modes:
   Cheapest in memory, but the round trip is not exact in floating point; the drift is measured by
   ``analysis_scripts/benchmarks/bench_flatlora_step.py``.
 
+One rounding rule on every path: the layer computes with round(W + ΔW) — the sum taken in the wider
+of the two dtypes (a bf16 W plus an fp32 ΔW is summed in fp32), rounded once to the dtype the layer
+computes in (W's, or autocast's; inplace mode stores it in W's) — never with round(W) + round(ΔW).
+
 ΔW is given per layer (keyed by the view's name) in the out × in layout of
 :class:`~flatlora.lora_view.LoRALayerView`, as
 
@@ -42,7 +46,12 @@ class PerturbationError(RuntimeError):
 
 @runtime_checkable
 class DeltaSource(Protocol):
-    """Anything that can (re)produce a layer's ΔW as an m×n tensor, identically on every call."""
+    """Anything that can (re)produce a layer's ΔW as a fresh m×n tensor, identically on every call.
+
+    A source may also define ``check(view)``, raising ``ValueError`` when it cannot fit the layer:
+    :func:`perturbed` calls it on entry, before any layer is touched. Without it the shape is checked
+    each time ΔW is materialized.
+    """
 
     def materialize(self, view: LoRALayerView) -> torch.Tensor: ...
 
@@ -60,10 +69,15 @@ class SeededGaussian:
         self.row_std = row_std
         self.seed = int(seed)
 
+    def check(self, view: LoRALayerView) -> None:
+        """Raise ``ValueError`` unless there is one std per output unit (row) of the layer's weight."""
+        if self.row_std.numel() != view.shape[0]:
+            raise ValueError(f"{view.name}: {self.row_std.numel()} row stds for a weight of out × in shape "
+                             f"{view.shape}; give one std per output unit ({view.shape[0]})")
+
     def materialize(self, view: LoRALayerView) -> torch.Tensor:
+        self.check(view)
         m, n = view.shape
-        if self.row_std.numel() != m:
-            raise ValueError(f"{view.name}: {self.row_std.numel()} row stds for a weight with {m} rows")
         device = self.row_std.device
         gen = torch.Generator(device=device)
         gen.manual_seed(self.seed)
@@ -74,10 +88,30 @@ class SeededGaussian:
 Delta = Union[torch.Tensor, DeltaSource]
 
 
+def _check_shape(d: torch.Tensor, view: LoRALayerView) -> None:
+    if tuple(d.shape) != view.shape:
+        raise ValueError(f"{view.name}: ΔW has shape {tuple(d.shape)}, expected the out × in shape {view.shape} "
+                         "of the layer's weight (LoRALayerView.weight; a Conv1D weight stored in × out takes ΔW "
+                         "transposed, a conv kernel flattened)")
+
+
+def _check_on_entry(view: LoRALayerView, delta: Delta, mode: str) -> None:
+    if not isinstance(delta, (torch.Tensor, DeltaSource)):
+        raise TypeError(f"{view.name}: ΔW must be a tensor or a DeltaSource, got {type(delta).__name__}")
+    if mode == "inplace" and view.weight_param.is_meta:
+        raise PerturbationError(f"{view.name}: W is offloaded (on the meta device), inplace mode cannot write it; "
+                                "use mode='exact'")
+    if isinstance(delta, torch.Tensor):
+        _check_shape(delta, view)
+        if mode == "inplace" and delta.requires_grad:
+            raise PerturbationError(f"{view.name}: a ΔW that requires grad needs mode='exact'")
+    elif callable(getattr(delta, "check", None)):
+        delta.check(view)
+
+
 def _as_matrix(delta: Delta, view: LoRALayerView) -> torch.Tensor:
     d = delta.materialize(view) if isinstance(delta, DeltaSource) else delta
-    if tuple(d.shape) != view.shape:
-        raise ValueError(f"{view.name}: ΔW has shape {tuple(d.shape)}, expected the out × in shape {view.shape}")
+    _check_shape(d, view)
     return d
 
 
@@ -88,9 +122,10 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _effective_weight(view: LoRALayerView, delta: Delta, dtype: torch.dtype) -> torch.Tensor:
-    """(W + ΔW) as an m×n tensor in ``dtype``, built in a fresh transient buffer."""
-    w = view.weight
+def _effective_weight(view: LoRALayerView, weight: torch.Tensor, delta: Delta, dtype: torch.dtype) -> torch.Tensor:
+    """round(W + ΔW) as an m×n tensor in ``dtype`` (the sum in the wider dtype), in a fresh transient
+    buffer; ``weight`` is W as stored."""
+    w = view.to_matrix(weight)
     d = _as_matrix(delta, view)
     if isinstance(delta, DeltaSource):  # freshly materialized: add W into it, no second buffer
         out = d.to(torch.promote_types(w.dtype, d.dtype)).add_(w)
@@ -99,17 +134,24 @@ def _effective_weight(view: LoRALayerView, delta: Delta, dtype: torch.dtype) -> 
     return out.to(dtype)
 
 
+def _compute(view: LoRALayerView, x: torch.Tensor, weight: torch.Tensor, delta: Delta
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) in the compute dtype, y = layer(x; round(W + ΔW)); autocast is off inside (casts by hand)."""
+    dtype = _compute_dtype(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        xc = x.to(dtype)
+        return xc, view.base_forward(xc, _effective_weight(view, weight, delta, dtype))
+
+
 class _ExactPerturbedLayer(torch.autograd.Function):
     """y = layer(x; W + ΔW), storing neither W + ΔW (rebuilt in backward) nor, when W is frozen, x."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, view, delta):
-        dtype = _compute_dtype(x, weight)
-        ctx.view, ctx.delta, ctx.dtype = view, delta, dtype
-        with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(dtype)
-            w = _effective_weight(view, delta, dtype)
-            y = view.base_forward(xc, w)
+        xc, y = _compute(view, x, weight, delta)
+        # W itself (a reference, not a copy) for backward: an offloading hook (accelerate) may have put
+        # the layer's attribute on the meta device by then
+        ctx.view, ctx.delta, ctx.dtype, ctx.weight = view, delta, xc.dtype, weight
         # x is needed only for ∂W; with W frozen (LoRA) keeping it would hold an activation per layer
         ctx.save_for_backward(xc if ctx.needs_input_grad[1] else None)
         ctx.x_shape, ctx.x_dtype = xc.shape, x.dtype
@@ -129,16 +171,16 @@ class _ExactPerturbedLayer(torch.autograd.Function):
                 layer = view.base_layer
                 conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
                 if need_x:
-                    w = view.to_stored(_effective_weight(view, ctx.delta, ctx.dtype))
+                    w = view.to_stored(_effective_weight(view, ctx.weight, ctx.delta, ctx.dtype))
                     gx = torch.nn.grad.conv2d_input(ctx.x_shape, w, gy, *conv_args)
                     del w
                 if need_w:
-                    gw = torch.nn.grad.conv2d_weight(xc, view.weight_param.shape, gy, *conv_args)
+                    gw = torch.nn.grad.conv2d_weight(xc, ctx.weight.shape, gy, *conv_args)
                 if need_b:
                     gb = gy.sum(dim=(0, 2, 3))
             else:
                 if need_x:
-                    w = _effective_weight(view, ctx.delta, ctx.dtype)
+                    w = _effective_weight(view, ctx.weight, ctx.delta, ctx.dtype)
                     gx = gy @ w
                     del w
                 if need_w:
@@ -149,7 +191,7 @@ class _ExactPerturbedLayer(torch.autograd.Function):
         if gx is not None:
             gx = gx.to(ctx.x_dtype)
         if gw is not None:
-            gw = gw.to(view.weight_param.dtype)
+            gw = gw.to(ctx.weight.dtype)
         if gb is not None:
             gb = gb.to(ctx.bias_dtype)
         return gx, gw, gb, None, None
@@ -160,10 +202,58 @@ def _exact_forward(view: LoRALayerView, delta: Delta):
         if isinstance(delta, torch.Tensor) and (delta.requires_grad or not torch.is_grad_enabled()):
             # differentiable in ΔW (and twice differentiable): plain autograd ops. Without grad there
             # is no backward to save memory for, and plain ops compose with torch.func.vmap
-            return view.base_forward(x, view.weight + delta.to(view.weight.dtype))
+            return _compute(view, x, view.weight_param, delta)[1]
         return _ExactPerturbedLayer.apply(x, view.weight_param, view.base_layer.bias, view, delta)
 
     return forward
+
+
+_MARK = "_flatlora_perturbed"  # instance attribute of a base layer while a context perturbs it
+_MISSING = object()
+
+
+def _forward_slot(view: LoRALayerView) -> str:
+    """The instance attribute to set so that the layer computes with W + ΔW: ``_old_forward`` under an
+    accelerate hook (``add_hook_to_module``: its instance ``forward`` runs the hook's pre-forward,
+    ``module._old_forward``, then its post-forward), else ``forward``."""
+    layer = view.base_layer
+    attrs = vars(layer)
+    if "_hf_hook" in attrs and "_old_forward" in attrs:
+        return "_old_forward"
+    own = attrs.get("forward", _MISSING)
+    if own is not _MISSING and not (getattr(own, "__self__", None) is layer
+                                    and getattr(own, "__func__", None) is type(layer).forward):
+        raise PerturbationError(
+            f"{view.name}: the base layer has an instance `forward` ({own!r}) set by something other than an "
+            "accelerate hook; exact mode would bypass it. Remove it (del layer.forward) or use mode='inplace'."
+        )
+    return "forward"
+
+
+@contextlib.contextmanager
+def _instance_attribute(module: torch.nn.Module, name: str, value) -> Iterator[None]:
+    """``module.<name> = value`` as an instance attribute; on exit exactly what was there is put back."""
+    previous = vars(module).get(name, _MISSING)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        if previous is _MISSING:
+            delattr(module, name)
+        else:
+            setattr(module, name, previous)
+
+
+@contextlib.contextmanager
+def _written(view: LoRALayerView, delta: Delta) -> Iterator[None]:
+    """W += ΔW now, W −= ΔW (regenerated) on exit. ``add_`` sums in the wider dtype and rounds once."""
+    with torch.no_grad():
+        view.weight_param.add_(view.to_stored(_as_matrix(delta, view)))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            view.weight_param.sub_(view.to_stored(_as_matrix(delta, view)))
 
 
 @contextlib.contextmanager
@@ -177,7 +267,28 @@ def perturbed(
         deltas: view name → ΔW (m×n tensor or :class:`DeltaSource`). Layers not named are untouched.
         mode: ``"exact"`` (W never written) or ``"inplace"`` (W += ΔW, restored on exit).
 
-    Run forward *and* backward inside the context. Contexts do not nest on the same layer.
+    Run forward *and* backward inside the context. Every ΔW is checked on entry, before any layer is
+    touched: a tensor must have its layer's out × in shape, a source with a ``check`` method is asked.
+    The layer computes with round(W + ΔW): the sum in the wider dtype, rounded once (module docstring).
+
+    Contexts do not nest on the same layer: while perturbed, a base layer carries the marker attribute
+    ``_flatlora_perturbed``, and a second context on it raises :class:`PerturbationError`. Exact mode
+    swaps the layer's computation by setting an instance attribute — ``forward``, or, under an
+    accelerate hook (models loaded with ``device_map`` or offloading), ``_old_forward``, which the
+    hook's ``forward`` calls between its pre- and post-forward, so the hook keeps running (an offloaded
+    W is loaded before the layer reads it, and backward uses the W of forward) — and on exit puts back
+    exactly what was there. Inplace mode cannot write an offloaded W and says so.
+
+    Not thread-safe: the context patches module attributes (and inplace mode writes W), so another
+    thread running the same model meanwhile sees the perturbation; give each thread its own model.
+
+    ``torch.compile`` (measured with torch 2.13, CPU, a compiled two-layer LoRA model, a fresh context
+    and ΔW every step; ``TORCH_LOGS=recompiles``): with tensor ΔWs (either exact path, or inplace) it
+    does *not* recompile per step — one graph inside contexts, one outside, each compiled once, results
+    equal eager's. A :class:`SeededGaussian` breaks the graph wherever ΔW is regenerated (dynamo cannot
+    trace a ``torch.Generator``: 18 graph breaks a step for two layers), so the noise runs eagerly
+    between compiled pieces; those recompile during the first two steps (per layer shape, then once
+    more when the seed turns dynamic) and never after. Check other versions with ``TORCH_LOGS=recompiles``.
     """
     if mode not in MODES:
         raise ValueError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
@@ -186,34 +297,18 @@ def perturbed(
     if unknown:
         raise KeyError(f"ΔW given for layers that are not LoRA layers of this model: {unknown[:5]}")
     chosen = [(by_name[name], d) for name, d in deltas.items()]
-    for view, d in chosen:
-        if "forward" in vars(view.base_layer) or getattr(view.base_layer, "_flatlora_inplace", False):
+    slots = {}
+    for view, d in chosen:  # every check before any layer is touched
+        if _MARK in vars(view.base_layer):
             raise PerturbationError(f"{view.name} is already perturbed; perturbation contexts do not nest")
-        if not isinstance(d, (torch.Tensor, DeltaSource)):
-            raise TypeError(f"{view.name}: ΔW must be a tensor or a DeltaSource, got {type(d).__name__}")
-        if mode == "inplace" and isinstance(d, torch.Tensor) and d.requires_grad:
-            raise PerturbationError("a ΔW that requires grad needs mode='exact'")
-    if mode == "exact":
+        _check_on_entry(view, d, mode)
+        if mode == "exact":
+            slots[view.name] = _forward_slot(view)
+    with contextlib.ExitStack() as stack:
         for view, d in chosen:
-            view.base_layer.forward = _exact_forward(view, d)
-        try:
-            yield
-        finally:
-            for view, _ in chosen:
-                del view.base_layer.forward
-    else:
-        applied: list[LoRALayerView] = []
-        try:
-            with torch.no_grad():
-                for view, d in chosen:
-                    view.weight_param.add_(view.to_stored(_as_matrix(d, view)).to(view.weight_param.dtype))
-                    view.base_layer._flatlora_inplace = True
-                    applied.append(view)
-            yield
-        finally:
-            with torch.no_grad():
-                for view in applied:
-                    d = _as_matrix(deltas[view.name], view)
-                    view.weight_param.sub_(view.to_stored(d).to(view.weight_param.dtype))
-                    del view.base_layer._flatlora_inplace
-
+            stack.enter_context(_instance_attribute(view.base_layer, _MARK, True))
+            if mode == "exact":
+                stack.enter_context(_instance_attribute(view.base_layer, slots[view.name], _exact_forward(view, d)))
+            else:
+                stack.enter_context(_written(view, d))
+        yield

@@ -11,12 +11,15 @@ Built-in samplers (pass options with ``functools.partial``):
 
 * :func:`gaussian` — d ~ N(0, I);  :func:`rademacher` — d ∈ {−1, +1} uniformly;
 * :func:`filter_normalized` — Gaussian, then :func:`filter_normalize` (Li et al., 2018);
-* :func:`flat_lora_noise` — ε_ij ~ N(0, σ²‖θ_i‖²/n) per row i (Flat-LoRA, Li et al., ICML 2025);
+* :func:`flat_lora_noise` — ε_ij ~ N(0, σ²‖θ_i‖²/n) per filter i (Flat-LoRA, Li et al., ICML 2025);
 * :func:`adaptive_noise` — ε ~ N(0, σ²θ²) elementwise (|θ|-scaled);
 
 and factories of samplers: :func:`gradient` (the ascent direction ∇L), :func:`interpolation`
 (toward another checkpoint). :func:`trajectory_pca` gives the principal directions of a training
 trajectory; :func:`orthogonalize` is one Gram–Schmidt step.
+
+A filter is an output unit whatever the storage (:meth:`Space.filters`): a row of an out × in weight,
+an output channel of a conv kernel, a column of a GPT-2 ``Conv1D`` weight (stored in × out).
 """
 from __future__ import annotations
 
@@ -47,8 +50,9 @@ Sampler = Callable[[Space, torch.Generator], Direction]
 Checkpoint = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 
 #: what filter normalization and filter noise do with 1-D tensors (biases, norm-layer weights):
-#: ``"zero"`` — leave them unperturbed (Li et al.'s default); ``"filter"`` — treat the vector as one filter
-ONE_D_POLICIES = ("zero", "filter")
+#: ``"zero"`` — leave them unperturbed; ``"filter"`` — treat the vector as one filter; ``"copy"``
+#: (filter normalization only) — d = θ, as Li et al.'s reference code does (see :func:`filter_normalize`)
+ONE_D_POLICIES = ("zero", "filter", "copy")
 
 
 def _draw(space: Space, generator: torch.Generator, draw: Callable[[torch.Size, torch.Generator], torch.Tensor]) -> Direction:
@@ -76,15 +80,27 @@ def _row_scale(target_norms: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, target_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
 
 
+def _scale_filters(space: Space, name: str, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t`` with its filter i (an output unit, :meth:`Space.filters`) multiplied by ``scale[i]``."""
+    return space.from_filters(name, space.filters(name, t) * scale.unsqueeze(1))
+
+
 def filter_normalize(space: Space, d: Mapping[str, torch.Tensor], *, one_d: str = "zero") -> Direction:
     """Filter normalization (Li et al., NeurIPS 2018, "Visualizing the loss landscape of neural nets"):
-    d_i ← d_i · ‖θ_i‖ / ‖d_i‖ for every row i (a filter: one output unit; for a conv kernel, one output
-    channel) of every tensor with two or more dimensions.
+    d_i ← d_i · ‖θ_i‖ / ‖d_i‖ for every filter i — one output unit, whatever the storage
+    (:meth:`Space.filters`: a row of an out × in weight, an output channel of a conv kernel, a column
+    of a GPT-2 ``Conv1D`` weight stored in × out) — of every tensor with two or more dimensions.
 
-    1-D tensors follow ``one_d``: ``"zero"`` (default, Li et al.) sets them to 0, ``"filter"`` rescales
-    the whole vector to ‖θ‖. In tangent / normal, rescaling rows would leave the subspace, so each
-    projected merged weight is rescaled as a whole: ‖d_ℓ‖_F = ‖θ_ℓ‖_F (the total a row-wise
-    normalization would give).
+    1-D tensors follow ``one_d``: ``"zero"`` (default) sets them to 0 — the reference code with
+    ``ignore='biasbn'``, as in its README's examples; ``"filter"`` rescales the whole vector, d ← d·‖θ‖/‖d‖;
+    ``"copy"`` sets d = θ — the reference code without ``ignore`` (``normalize_directions_for_weights``
+    in tomgoldstein/loss-landscape). ``"filter"`` is the better of the two that perturb 1-D tensors: it
+    moves them as far (‖d‖ = ‖θ‖) but in a random direction, whereas with ``"copy"`` every direction
+    holds the same d = θ there — the two directions of a plane share that component, and a step α
+    rescales every bias and norm gain by 1 + α (α = −1 zeroes them) instead of perturbing them at random.
+
+    In tangent / normal, rescaling filters would leave the subspace, so each projected merged weight
+    is rescaled as a whole: ‖d_ℓ‖_F = ‖θ_ℓ‖_F (the total a filter-wise normalization would give).
     """
     _check_policy(one_d)
     space.check(d)
@@ -93,13 +109,13 @@ def filter_normalize(space: Space, d: Mapping[str, torch.Tensor], *, one_d: str 
     out = {}
     for n in space.names:
         t, w = d[n], theta[n]
-        if (space.projected and n in space.merged_names) or (t.dim() == 1 and one_d == "filter"):
+        if t.dim() <= 1 and one_d != "filter":
+            out[n] = w.clone() if one_d == "copy" else torch.zeros_like(t)
+        elif t.dim() <= 1 or (space.projected and n in space.merged_names):
             out[n] = t * _row_scale(w.norm(), t.norm())
-        elif t.dim() <= 1:
-            out[n] = torch.zeros_like(t)
         else:
-            scale = _row_scale(w.flatten(1).norm(dim=1), t.flatten(1).norm(dim=1))
-            out[n] = t * scale.view(-1, *([1] * (t.dim() - 1)))
+            norms = [space.filters(n, x).norm(dim=1) for x in (w, t)]
+            out[n] = _scale_filters(space, n, t, _row_scale(*norms))
     return out
 
 
@@ -111,8 +127,12 @@ def filter_normalized(space: Space, generator: torch.Generator, *, one_d: str = 
 
 def flat_lora_noise(space: Space, generator: torch.Generator, *, sigma: float = 1.0, one_d: str = "zero") -> Direction:
     """Flat-LoRA's filter-wise noise (Li et al., ICML 2025): ε_ij ~ N(0, std_i²), std_i = σ·‖θ_i‖₂/√n for
-    row i of an m×n tensor (:func:`flatlora.filter_noise_std`); 1-D tensors per ``one_d`` (``"filter"``:
-    std = σ‖θ‖/√n for the vector). Projected in tangent / normal."""
+    filter i (an output unit, :meth:`Space.filters`) with n entries (:func:`flatlora.filter_noise_std`);
+    1-D tensors per ``one_d``: ``"zero"`` or ``"filter"`` (std = σ‖θ‖/√n for the vector). Projected in
+    tangent / normal."""
+    if one_d == "copy":
+        raise ValueError("one_d='copy' sets d = θ, a policy of filter_normalize; noise is random: "
+                         "choose one_d='zero' or 'filter'")
     _check_policy(one_d)
     theta = space.point()
     out = {}
@@ -123,7 +143,7 @@ def flat_lora_noise(space: Space, generator: torch.Generator, *, sigma: float = 
             std = filter_noise_std(w.unsqueeze(0), sigma) if one_d == "filter" else torch.zeros(1, device=w.device)
             out[n] = z * std.to(w.dtype)
         else:
-            out[n] = z * filter_noise_std(w, sigma).to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+            out[n] = _scale_filters(space, n, z, filter_noise_std(space.filters(n, w), sigma).to(w.dtype))
     return space.project(out)
 
 

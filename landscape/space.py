@@ -18,6 +18,8 @@ A point or a direction is a dict ``name -> tensor`` keyed by :attr:`Space.names`
 for parameter coordinates, the LoRA module's name (as in :func:`flatlora.lora_layers`) for a merged
 weight. ``include_trainable=True`` adds the other trainable parameters (a classifier head, peft's
 ``modules_to_save``) to the lora / merged / tangent / normal spaces, as stored and unprojected.
+Parameter coordinates keep their stored layout (a GPT-2 ``Conv1D`` weight is in × out);
+:meth:`Space.filters` presents any coordinate with one row per output unit.
 
 Rank deficiency: peft initialises B = 0, so col(B) = {0}, U is empty and T = { s·δB·A } = the
 matrices whose row space lies in row(A) (P_T(X) = X P_V). Scaling (cB, A/c) changes neither col(B)
@@ -43,7 +45,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from flatlora import lora_layers
-from flatlora.lora_view import LoRALayerView
+from flatlora.lora_view import LoRALayerView, transposed_weights
 from flatlora.perturb import perturbed
 
 __all__ = ["Space", "space", "as_space", "SPACES", "SpaceError", "orthonormal_basis"]
@@ -119,6 +121,7 @@ class Space:
         self.shapes = {n: torch.Size(v.shape) for n, v in views.items()}
         self.shapes.update({n: p.shape for n, p in params.items()})
         self.dim = sum(s.numel() for s in self.shapes.values())
+        self._transposed = transposed_weights(model) & set(params)  # stored in × out (Conv1D)
         self._projectors: dict[str, _Projector] = {}
         if kind in _PROJECTED:
             with torch.no_grad():
@@ -187,6 +190,20 @@ class Space:
             out = {n: v.merged_weight().detach().clone() for n, v in self._views.items()}
         out.update({n: state[n].detach().clone() if n in state else p.detach().clone() for n, p in self._params.items()})
         return out
+
+    def filters(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t``, shaped like coordinate ``name`` (two or more dimensions), as a matrix with one row per
+        filter — an output unit, whatever the storage (Li et al., 2018): a merged weight is m×n (out × in)
+        already; a conv kernel (out, in, kh, kw) is flattened to out × in·kh·kw; a weight stored in × out
+        (transformers' ``Conv1D``: :func:`flatlora.lora_view.transposed_weights`) is transposed.
+        Inverse: :meth:`from_filters`."""
+        if t.dim() < 2:
+            raise SpaceError(f"coordinate {name!r}: a {t.dim()}-D tensor has no filters")
+        return t.t() if name in self._transposed else t.flatten(1)
+
+    def from_filters(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`filters`: a matrix with one row per filter back to the shape of coordinate ``name``."""
+        return matrix.t() if name in self._transposed else matrix.reshape(self.shapes[name])
 
     def zeros(self) -> Direction:
         """A zero direction."""
