@@ -34,7 +34,7 @@ from .directions import Sampler, filter_normalized, orthogonalize as gram_schmid
 from .evaluate import PointEvaluator
 from .results import ResultsFile, fingerprint
 from .guard import preserved
-from .loss import Loss
+from .loss import Loss, require_loss
 from .space import Direction, Selector, Space, as_space
 
 __all__ = ["loss_line", "loss_plane", "symmetric_grid", "summarize"]
@@ -63,9 +63,8 @@ def _axis(grid: Grid, span: float, what: str) -> np.ndarray:
     return values
 
 
-def _check_common(loss: Loss, num_directions: int) -> None:
-    if not isinstance(loss, Loss):
-        raise TypeError(f"loss must be a landscape.Loss, got {type(loss).__name__}")
+def _check_common(loss: Loss, num_directions: int, where: str) -> None:
+    require_loss(loss, where)
     if not isinstance(num_directions, (int, np.integer)) or num_directions < 1:
         raise ValueError(f"num_directions must be a positive integer, got {num_directions!r}")
 
@@ -158,7 +157,7 @@ def loss_line(
     Returns:
         DataFrame with columns ``space``, ``direction``, ``alpha``, ``loss``, ``accuracy``.
     """
-    _check_common(loss, num_directions)
+    _check_common(loss, num_directions, "loss_line")
     sp = as_space(model, space)
     grid = _axis(alphas, span, "alphas")
     with preserved(model):
@@ -196,7 +195,7 @@ def loss_plane(
         DataFrame with columns ``space``, ``direction``, ``alpha``, ``beta``, ``loss``, ``accuracy``;
         row (α, β) is the loss at θ + α d₁ + β d₂.
     """
-    _check_common(loss, num_directions)
+    _check_common(loss, num_directions, "loss_plane")
     sp = as_space(model, space)
     pair = tuple(directions) if isinstance(directions, (tuple, list)) else (directions, directions)
     if len(pair) != 2:

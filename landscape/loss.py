@@ -20,7 +20,7 @@ from flatlora.batches import batch_logits_and_labels, batch_size, batch_to, outp
 
 from .guard import preserved
 
-__all__ = ["Loss"]
+__all__ = ["Loss", "require_loss"]
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -87,14 +87,20 @@ class Loss:
 
     @contextlib.contextmanager
     def mode(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Set eval mode (train mode if ``train_mode``) for the duration; restore every module's mode."""
+        """``model.train(train_mode)`` for the duration; afterwards every module is back in its own mode.
+
+        Both ways go through the modules' ``train()`` (an override, e.g. one that keeps BatchNorm
+        frozen, is honoured): on exit the modules are visited parents first, and each one not in its
+        former mode gets ``m.train(mode)`` — which also resets its children, visited next — so mixed
+        per-module modes come back exactly, with the fewest calls."""
         modes = [(m, m.training) for m in model.modules()]
         model.train(self.train_mode)
         try:
             yield model
         finally:
             for m, training in modes:
-                m.training = training
+                if m.training != training:
+                    m.train(training)
 
     def batch_value(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Mean loss on one batch (differentiable; the caller sets the mode)."""
@@ -131,3 +137,11 @@ class Loss:
     def __call__(self, model: nn.Module) -> float:
         """L(θ) as a float (no gradients, in :meth:`mode`)."""
         return self.evaluate(model)["loss"]
+
+
+def require_loss(obj: Any, where: str) -> None:
+    """Raise a TypeError, saying what to pass, unless ``obj`` is a :class:`Loss` (``where``: the caller's name)."""
+    if not isinstance(obj, Loss):
+        raise TypeError(f"{where}: loss must be a landscape.Loss over fixed batches, e.g. "
+                        f"Loss(task.batches('test', 64, limit=256)) or Loss([(inputs, targets), ...]); "
+                        f"got {type(obj).__name__}")

@@ -2,7 +2,7 @@
 
 Noise models (``noise=``), each in any space (projected in tangent / normal):
 
-* ``"filter"`` — Flat-LoRA's filter-wise noise, ε_ij ~ N(0, σ²‖θ_i‖²/n) per row i
+* ``"filter"`` — Flat-LoRA's filter-wise noise, ε_ij ~ N(0, σ²‖θ_i‖²/n) per filter i (one output unit, whatever the storage)
   (:func:`~landscape.directions.flat_lora_noise`; Li et al., ICML 2025);
 * ``"isotropic"`` — ε ~ N(0, σ²I);
 * ``"adaptive"`` — ε ~ N(0, σ² diag θ²) (|θ|-scaled).
@@ -38,7 +38,7 @@ from flatlora import distributed, noise_seed
 from .directions import adaptive_noise, flat_lora_noise, gaussian
 from .evaluate import PointEvaluator
 from .guard import preserved
-from .loss import Loss
+from .loss import Loss, require_loss
 from .space import Selector, Space, as_space
 
 __all__ = ["expected_loss", "NOISES", "t_interval"]
@@ -107,15 +107,14 @@ def expected_loss(
         max_samples, min_samples: sample cap and minimum (2 ≤ min ≤ max).
         rtol, atol: stop when the interval half-width ≤ max(rtol·|ΔL|, atol).
         confidence: of the t-interval.
-        one_d: the 1-D policy of filter noise (see :data:`~landscape.directions.ONE_D_POLICIES`).
+        one_d: the 1-D policy of filter noise: ``"zero"`` or ``"filter"`` (see :func:`~landscape.directions.flat_lora_noise`).
 
     Returns:
         DataFrame, one row per σ: ``space``, ``noise``, ``sigma``, ``delta_loss`` (the mean increase),
         ``ci_low``, ``ci_high``, ``half_width``, ``std``, ``samples``, ``converged``, ``base_loss``,
         ``accuracy`` (mean accuracy under noise; NaN when the task has none).
     """
-    if not isinstance(loss, Loss):
-        raise TypeError(f"loss must be a landscape.Loss, got {type(loss).__name__}")
+    require_loss(loss, "expected_loss")
     if noise not in NOISES:
         raise ValueError(f"unknown noise {noise!r}; choose one of {sorted(NOISES)}")
     sigmas = [float(s) for s in np.atleast_1d(np.asarray(sigmas, dtype=float))]

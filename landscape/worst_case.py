@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import value_and_grad
 from .guard import preserved
-from .loss import Loss
+from .loss import Loss, require_loss
 from .space import Selector, Space, as_space
 
 __all__ = ["worst_case_sharpness"]
@@ -55,8 +55,7 @@ def worst_case_sharpness(
         (the worst loss found), ``sharpness`` (= loss − base_loss), ``delta_norm`` (‖δ‖₂ of the worst
         point), ``grad_norm`` (‖∇_u L‖ at θ).
     """
-    if not isinstance(loss, Loss):
-        raise TypeError(f"loss must be a landscape.Loss, got {type(loss).__name__}")
+    require_loss(loss, "worst_case_sharpness")
     rhos = [float(r) for r in np.atleast_1d(np.asarray(rho, dtype=float))]
     if not rhos or not all(math.isfinite(r) and r > 0 for r in rhos):
         raise ValueError(f"rho must be finite and > 0, got {rhos}")

@@ -1,8 +1,9 @@
 """The Hessian of a :class:`landscape.Loss` in any space: one operator (:mod:`.operator`, a scipy
-``LinearOperator``) that every algorithm consumes — top eigenvalues (:mod:`.spectrum`), trace
-(:mod:`.trace`), spectral density (:mod:`.density`), the dense matrix (:mod:`.dense`) — plus the
-linear-algebra helpers (:mod:`.linalg`) and the attention switch for double backward
-(:mod:`.attention`). Imports :mod:`landscape`, never :mod:`landscape.study`."""
+``LinearOperator`` whose products come from a backend of :mod:`.products`) that every algorithm
+consumes — top eigenvalues (:mod:`.spectrum`), trace (:mod:`.trace`), spectral density
+(:mod:`.density`), the dense matrix (:mod:`.dense`) — plus the linear-algebra helpers (:mod:`.linalg`)
+and the attention switch for double backward (:mod:`.attention`). Imports :mod:`landscape`, never
+:mod:`landscape.study`."""
 from .attention import AttentionError
 from .dense import dense_hessian, dense_matrix
 from .density import HessianDensity, hessian_density

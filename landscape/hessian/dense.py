@@ -6,11 +6,13 @@ trace check the iterative estimators. Larger spaces raise an error before any wo
 """
 from __future__ import annotations
 
+import functools
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .linalg import as_operator
+from .operator import run_on_hessian
 
 __all__ = ["dense_matrix", "dense_hessian", "DENSE_MAX_DIM"]
 
@@ -49,10 +51,7 @@ def dense_hessian(model, loss, space="lora", *, max_dim: int = DENSE_MAX_DIM, pr
     Raises:
         ValueError: the space has more than ``max_dim`` coordinates — before any work.
     """
-    from .operator import HessianOperator
-
-    op = HessianOperator(model, loss, space, **operator_options)
-    _check_size(op.shape[0], max_dim)
-    with op.session():
-        matrix = dense_matrix(op, max_dim=max_dim, progress=progress)
-    return torch.from_numpy(matrix).to(dtype=op.dtype_torch)
+    matrix = functools.partial(dense_matrix, max_dim=max_dim, progress=progress)
+    run = run_on_hessian(model, loss, space, matrix, name="dense Hessian", progress=False,
+                         check=lambda n: _check_size(n, max_dim), **operator_options)
+    return torch.from_numpy(run.result).to(dtype=run.operator.dtype_torch)

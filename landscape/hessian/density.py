@@ -13,7 +13,7 @@ vector, which makes the quadrature wrong).
 """
 from __future__ import annotations
 
-import time
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,6 +23,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from .linalg import as_operator, generator, rademacher
+from .operator import run_on_hessian
 
 __all__ = ["lanczos_tridiagonal", "stochastic_lanczos_quadrature", "HessianDensity", "hessian_density"]
 
@@ -132,12 +133,10 @@ def hessian_density(model, loss, space="lora", *, num_probes: int = 2, num_steps
     has an extra spike at 0 of weight 1 − ``Space.subspace_dim`` / dim. Plot with
     :func:`landscape.plot_hessian_density`.
     """
-    from .operator import HessianOperator
-
     _check_slq_args(num_probes, num_steps)
-    op = HessianOperator(model, loss, space, **operator_options)
-    start = time.perf_counter()
-    with op.session(desc=f"SLQ ({op.space_name})", total=int(num_probes) * int(num_steps), progress=progress):
-        nodes, weights, products = stochastic_lanczos_quadrature(op, num_probes, num_steps, seed=seed)
-    return HessianDensity(nodes=nodes, weights=weights, dim=op.shape[0], num_hvp=products, space=op.space_name,
-                          seconds=time.perf_counter() - start)
+    slq = functools.partial(stochastic_lanczos_quadrature, num_probes=num_probes, num_steps=num_steps, seed=seed)
+    run = run_on_hessian(model, loss, space, slq, name="SLQ", total=int(num_probes) * int(num_steps),
+                         progress=progress, **operator_options)
+    nodes, weights, products = run.result
+    return HessianDensity(nodes=nodes, weights=weights, dim=run.operator.shape[0], num_hvp=products,
+                          space=run.space, seconds=run.seconds)

@@ -6,76 +6,128 @@ coordinates δ around the model's point θ (:func:`landscape.space`),
     H v = Σ_b (n_b / N) ∇²_δ ℓ_b(θ + Pδ)|_{δ=0} v,
 
 with P the space's projection (the identity except for tangent / normal, where H is P H_merged P
-in the ambient merged coordinates: zero on the complement). Three backends compute the product:
-
-* ``"double-backward"`` (default) — Hv = ∂(∇ℓ·v)/∂δ (Pearlmutter 1994). Per batch one
-  ``autograd.grad(create_graph=True)`` builds the gradient's graph once; every product is then one
-  double backward through it (DESIGN §6 measured 1.2–1.4× a gradient per product, against 2.7–2.9×
-  when forward and gradient are recomputed). ``keep_graphs`` limits how many batches keep their
-  graph (memory); the others are recomputed for every product.
-* ``"func"`` — ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), recomputed for
-  every product; for models whose ops support forward-mode AD.
-* ``"finite-difference"`` — Hv ≈ [g(θ + hv) − g(θ − hv)] / (2h) with g the gradient (first order
-  only: for kernels without double backward). h = ``fd_step``/‖v‖, default ``fd_step`` =
-  ε^{1/3}·max(1, ‖θ‖) (ε the dtype's epsilon): the error is O(h²) from truncation plus O(ε/h) from
-  rounding; in fp32 expect about 1e-4 relative, in fp64 about 1e-8.
+in the ambient merged coordinates: zero on the complement). A backend of
+:mod:`landscape.hessian.products` computes the sum over a list of batches: double backward (the
+default, with the gradient's graph kept across products), ``torch.func`` forward-over-reverse, or
+central finite differences of the gradient.
 
 Products run in the model's dtype (a ``model.double()`` copy gives fp64 Hessians); the scipy side is
 float64. The model is never written: the space's ``at`` evaluates at θ + δ; the loss's mode (eval
 unless asked) and, for Hugging Face models without twice-differentiable attention, eager attention
-(:mod:`landscape.hessian.attention`) hold only inside :meth:`HessianOperator.session`, and the global
-RNG is left alone (dropout in a train-mode loss draws from a fixed seed, the same masks for every
-product, so H is one fixed matrix).
+(:mod:`landscape.hessian.attention`) hold only inside a session (:func:`product_session`), and the
+global RNG is left alone (dropout in a train-mode loss draws from a fixed seed, the same masks for
+every product, so H is one fixed matrix).
 
-Under ``torchrun`` a single product (Lanczos, power iteration, SLQ) is averaged over data shards:
-each rank takes every W-th batch and one all-reduce sums the parts, so every rank holds the same
-H v and runs the same iteration. A block of products (``matmat``: Hutchinson, Hutch++) is split by
-columns instead, each on all the data, and gathered once.
+Under ``torchrun`` a single product (Lanczos, power iteration, SLQ) is averaged over data shards
+(:func:`rank_batches`): each rank takes every W-th batch and one all-reduce sums the parts, so every
+rank holds the same H v and runs the same iteration. A block of products (``matmat``: Hutchinson,
+Hutch++) is split by columns instead (:func:`split_columns`), each on all the data, and gathered once.
+
+:func:`run_on_hessian` is what every front-end (:func:`landscape.hessian_eigenvalues`,
+:func:`~landscape.hessian_trace`, :func:`~landscape.hessian_density`, :func:`~landscape.dense_hessian`)
+does: build the operator, run an algorithm on it in one session, and time it.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
+from torch import nn
 from tqdm.auto import tqdm
 
 from flatlora import distributed
 
 from ..guard import preserved
-from .attention import EAGER_HINT, eager_attention, require_eager
-from ..loss import Loss
-from ..space import Space, space as build_space
+from ..loss import Loss, require_loss
+from ..space import Direction, Selector, Space, as_space, space as build_space
+from .attention import eager_attention, require_eager
+from .products import BACKENDS, HessianError, make_backend
 
-__all__ = ["HessianOperator", "HessianError", "BACKENDS"]
+__all__ = ["HessianOperator", "HessianError", "BACKENDS", "product_session", "rank_batches", "split_columns",
+           "HessianRun", "run_on_hessian"]
 
-BACKENDS = ("double-backward", "func", "finite-difference")
+T = TypeVar("T")
 
 
-class HessianError(RuntimeError):
-    """A Hessian-vector product cannot be computed (a kernel without the derivative it needs)."""
+@contextlib.contextmanager
+def product_session(model: nn.Module, loss: Loss, *, second_order: bool, switch_attention: bool,
+                    desc: str = "Hessian-vector products", total: Optional[int] = None,
+                    progress: bool = False) -> Iterator[tqdm]:
+    """The state Hessian-vector products need, undone on exit: the loss's mode (:meth:`Loss.mode`), eager
+    attention when the products differentiate twice (:func:`~landscape.hessian.attention.eager_attention`,
+    switched only if ``switch_attention``), and the model as before afterwards (:func:`landscape.preserved`:
+    modes, flags, RNG, parameters). Yields a progress bar of the products (hidden unless ``progress``)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(preserved(model))
+        if second_order:
+            stack.enter_context(eager_attention(model, switch=switch_attention))
+        stack.enter_context(loss.mode(model))
+        yield stack.enter_context(tqdm(total=total, desc=desc, unit="hvp", disable=not progress,
+                                       dynamic_ncols=True, leave=False))
+
+
+def rank_batches(loss: Loss, device: torch.device, *, shard: bool) -> list[tuple[int, Any, float]]:
+    """(b, batch b on ``device``, n_b / N) for every batch — with ``shard``, under ``torchrun`` only this
+    rank's share (every W-th batch), whose products the ranks then sum."""
+    batches = [(i, b, n / loss.total) for i, (b, n) in enumerate(zip(loss.on(device), loss.weights))]
+    return distributed.shard(batches) if shard else batches
+
+
+def split_columns(apply: Callable[[np.ndarray], np.ndarray], X: np.ndarray) -> np.ndarray:
+    """The matrix [apply(x₁), …, apply(xₘ)] of the columns xⱼ of X, the columns split across ranks under
+    ``torchrun`` (rank r computes every W-th) and gathered once (no communication inside ``apply``)."""
+    local = {j: apply(X[:, j]) for j in distributed.shard(range(X.shape[1]))}
+    out = np.empty(X.shape, dtype=np.float64)
+    for part in distributed.all_gather_objects(local):
+        for j, column in part.items():
+            out[:, j] = column
+    return out
+
+
+def _resolve_space(model: nn.Module, sp: Space | Selector, include_trainable: bool) -> Space:
+    if isinstance(sp, Space) and include_trainable:
+        raise ValueError("include_trainable applies when the space is given by its kind; "
+                         "build the Space with landscape.space(model, kind, include_trainable=True)")
+    return as_space(model, sp) if isinstance(sp, Space) else build_space(model, sp, include_trainable=include_trainable)
+
+
+def _dtype_and_device(sp: Space) -> tuple[torch.dtype, torch.device]:
+    """The one dtype of the space's coordinates and their device (TypeError when dtypes are mixed)."""
+    point = sp.point()
+    dtypes = sorted({str(t.dtype) for t in point.values()})
+    if len(dtypes) > 1:
+        raise TypeError(f"the {sp.kind!r} space mixes dtypes {dtypes}; cast the model to one dtype "
+                        "(model.float(), or a model.double() copy for fp64 Hessians)")
+    first = point[sp.names[0]]
+    return first.dtype, first.device
 
 
 class HessianOperator(LinearOperator):
-    """H (see the module docstring) of ``loss`` at the model's current parameters in ``space``.
+    """H (see the module docstring) of ``loss`` at the model's current parameters in ``space``:
+    a symmetric ``LinearOperator`` whose ``matvec`` is H v.
 
     Args:
         model: the model.
         loss: a :class:`landscape.Loss`.
         space: a space kind (``"lora"``, ``"merged"``, ``"all"``, ``"tangent"``, ``"normal"``) or a ``Space``.
-        backend: ``"double-backward"``, ``"func"`` or ``"finite-difference"``.
+        backend: ``"double-backward"``, ``"func"`` or ``"finite-difference"`` (:mod:`landscape.hessian.products`).
         include_trainable: add the other trainable parameters (a classifier head) to a LoRA space
             given by its kind (an error when ``space`` is already a ``Space``: build it with the flag).
         switch_attention: switch a Hugging Face model whose attention has no double backward (SDPA,
             flash) to eager attention inside sessions, with a warning; ``False`` raises instead.
-        keep_graphs: how many batches keep their gradient graph across products (default: all).
-        fd_step: the finite-difference step in the space's norm (default ε^{1/3}·max(1, ‖θ‖)).
+        keep_graphs: how many batches keep their gradient graph across products (default: all;
+            double-backward only).
+        fd_step: the finite-difference step in the space's norm (default ε^{1/3}·max(1, ‖θ‖);
+            finite-difference only).
         rng_seed: seed of the dropout masks when the loss is in train mode.
 
     Products outside a :meth:`session` work but rebuild every graph; inside one the graphs are kept.
-    ``products`` counts the products made.
+    ``products`` counts the products made; ``hvp`` is the backend (:class:`~landscape.hessian.products.HVPBackend`).
 
     Raises:
         ValueError / TypeError: bad arguments, before any forward pass.
@@ -83,54 +135,28 @@ class HessianOperator(LinearOperator):
             attention has no double backward (double-backward and func backends).
     """
 
-    def __init__(self, model: torch.nn.Module, loss: Loss, space="lora", *, backend: str = "double-backward",
-                 include_trainable: bool = False, switch_attention: bool = True, keep_graphs: Optional[int] = None,
-                 fd_step: Optional[float] = None, rng_seed: int = 0):
-        if not isinstance(loss, Loss):
-            raise TypeError(f"loss must be a landscape.Loss (e.g. Loss(task.batches('test', 64, limit=256))), "
-                            f"got {type(loss).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown Hessian backend {backend!r}; choose one of {BACKENDS}")
-        if keep_graphs is not None and (int(keep_graphs) != keep_graphs or keep_graphs < 0):
-            raise ValueError(f"keep_graphs must be None (all batches) or an integer >= 0, got {keep_graphs!r}")
-        if fd_step is not None and not fd_step > 0:
-            raise ValueError(f"fd_step must be > 0, got {fd_step}")
-        if isinstance(space, Space):
-            if space.model is not model:
-                raise ValueError("the space was built for another model")
-            if include_trainable:
-                raise ValueError("include_trainable applies when the space is given by its kind; "
-                                 "build the Space with landscape.space(model, kind, include_trainable=True)")
-            self.space = space
-        else:
-            self.space = build_space(model, space, include_trainable=include_trainable)
+    def __init__(self, model: nn.Module, loss: Loss, space: Space | Selector = "lora", *,
+                 backend: str = "double-backward", include_trainable: bool = False, switch_attention: bool = True,
+                 keep_graphs: Optional[int] = None, fd_step: Optional[float] = None, rng_seed: int = 0):
+        require_loss(loss, "HessianOperator")
         self.model, self.loss, self.backend = model, loss, backend
+        self.space = _resolve_space(model, space, include_trainable)
+        self.dtype_torch, self.device = _dtype_and_device(self.space)
+        self.hvp = make_backend(backend, loss, self.space, keep_graphs=keep_graphs, fd_step=fd_step,
+                                rng_seed=rng_seed)
         self.switch_attention = bool(switch_attention)
-        if backend != "finite-difference" and not self.switch_attention:
+        if self.hvp.second_order and not self.switch_attention:
             require_eager(model)
-        point = self.space.point()
-        dtypes = sorted({str(t.dtype) for t in point.values()})
-        if len(dtypes) > 1:
-            raise TypeError(f"the {self.space.kind!r} space mixes dtypes {dtypes}; cast the model to one dtype "
-                            "(model.float(), or a model.double() copy for fp64 Hessians)")
-        first = point[self.space.names[0]]
-        self.dtype_torch, self.device = first.dtype, first.device
-        if backend == "finite-difference":
-            theta = float(torch.sqrt(sum((t.double() ** 2).sum() for t in point.values())))
-            self.fd_step = fd_step or float(torch.finfo(self.dtype_torch).eps) ** (1 / 3) * max(1.0, theta)
-        self.keep_graphs = len(loss.batches) if keep_graphs is None else min(int(keep_graphs), len(loss.batches))
-        self.rng_seed = int(rng_seed)
         self.products = 0
-        self._session: Optional[dict] = None
+        self._bar: Optional[tqdm] = None  # set while a session is open
         super().__init__(dtype=np.float64, shape=(self.space.dim, self.space.dim))
 
-    # --- public helpers ------------------------------------------------------------------------------
     @property
     def space_name(self) -> str:
         """The space's kind, with ``+trainable`` when other trainable parameters were added."""
         return self.space.kind + ("+trainable" if self.space.include_trainable else "")
 
-    def to_direction(self, vector: np.ndarray) -> dict[str, torch.Tensor]:
+    def to_direction(self, vector: np.ndarray) -> Direction:
         """A flat vector of this operator's coordinates as a direction dict of the space (model dtype)."""
         return {n: t.clone() for n, t in self.space.from_vector(
             torch.as_tensor(vector).to(device=self.device, dtype=self.dtype_torch)).items()}
@@ -138,153 +164,84 @@ class HessianOperator(LinearOperator):
     @contextlib.contextmanager
     def session(self, desc: str = "Hessian-vector products", total: Optional[int] = None,
                 progress: bool = False) -> Iterator["HessianOperator"]:
-        """Within the session: the loss's mode, eager attention where needed, and kept gradient graphs;
-        on exit the graphs are released and the model is as before (:func:`landscape.preserved`:
-        modes, flags, RNG, parameters). Sessions nest (the outer one holds)."""
-        if self._session is not None:
+        """Products inside share one :func:`product_session` and keep their gradient graphs; on exit the
+        graphs are released and the model is as before. Sessions nest (the outer one holds)."""
+        if self._bar is not None:
             yield self
             return
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(preserved(self.model))
-            if self.backend != "finite-difference":
-                stack.enter_context(eager_attention(self.model, switch=self.switch_attention))
-            stack.enter_context(self.loss.mode(self.model))
-            bar = stack.enter_context(tqdm(total=total, desc=desc, unit="hvp", disable=not progress,
-                                           dynamic_ncols=True, leave=False))
-            self._session = {"bar": bar, "graphs": {}, "shard_data": True}
+        with product_session(self.model, self.loss, second_order=self.hvp.second_order,
+                             switch_attention=self.switch_attention, desc=desc, total=total,
+                             progress=progress) as bar:
+            self._bar = bar
             try:
                 yield self
             finally:
-                self._session = None
+                self._bar = None
+                self.hvp.release()
 
-    # --- the product ---------------------------------------------------------------------------------
-    def _matmat(self, X: np.ndarray) -> np.ndarray:
-        """H X. Under ``torchrun`` the columns are split across ranks (each product on all the data
-        on one rank, no communication per product) and gathered once; in one process, column by column."""
-        if distributed.world_size() == 1 or X.shape[1] < 2:
-            return super()._matmat(X)  # LinearOperator's: one matvec per column
-        if self._session is None:
-            with self.session():
-                return self._matmat(X)
-        mine = distributed.shard(range(X.shape[1]))
-        self._session["shard_data"] = False
-        try:
-            local = {j: self._matvec(X[:, j]) for j in mine}
-        finally:
-            self._session["shard_data"] = True
-        out = np.empty((X.shape[0], X.shape[1]), dtype=np.float64)
-        for part in distributed.all_gather_objects(local):
-            for j, column in part.items():
-                out[:, j] = column
-        self.products += X.shape[1] - len(mine)  # count every column once, whichever rank made it
-        return out
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        if self._session is None:
-            with self.session():
-                return self._matvec(x)
+    def _product(self, x: np.ndarray, *, shard: bool) -> np.ndarray:
+        """H x: over this rank's batches and summed across ranks (``shard``), or over all batches here."""
         v = self.space.from_vector(torch.as_tensor(np.ascontiguousarray(x).reshape(-1)).to(
             device=self.device, dtype=self.dtype_torch))
-        try:
-            hv = {"double-backward": self._double_backward, "func": self._func,
-                  "finite-difference": self._finite_difference}[self.backend](v)
-        except (RuntimeError, NotImplementedError) as err:
-            if self.backend == "finite-difference" or not any(
-                    s in str(err).lower() for s in ("not implemented", "not supported")):
-                raise
-            raise HessianError(
-                f"backend {self.backend!r} needs a derivative that a kernel of this model lacks ({err}). For attention: "
-                f"{EAGER_HINT}; otherwise use backend='finite-difference'") from err
-        vector = self.space.to_vector(hv)
-        if self._session["shard_data"]:
-            distributed.all_reduce_sum_([vector])  # Σ over the ranks' batches
+        hv = self.space.to_vector(self.hvp(v, rank_batches(self.loss, self.device, shard=shard)))
+        if shard:
+            distributed.all_reduce_sum_([hv])
+        self._bar.update(1)
+        return hv.to(device="cpu", dtype=torch.float64).numpy()
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        with self.session():
+            hv = self._product(x, shard=True)
         self.products += 1
-        self._session["bar"].update(1)
-        return vector.to(device="cpu", dtype=torch.float64).numpy()
+        return hv
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:  # H is symmetric
         return self._matvec(x)
 
-    def _batches(self):
-        """(index, batch, weight n_b / N) for every batch, on the model's device — under ``torchrun``
-        this rank's share (every W-th batch) unless a product runs on all the data (:meth:`_matmat`)."""
-        batches = list(enumerate(zip(self.loss.on(self.device), self.loss.weights)))
-        for i, (batch, n) in (distributed.shard(batches) if self._session["shard_data"] else batches):
-            yield i, batch, n / self.loss.total
-
-    def _loss_at(self, delta: dict, index: int, batch) -> torch.Tensor:
-        """ℓ_b(θ + Pδ); dropout (train-mode losses) from a fixed seed per batch, global RNG untouched."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), self.space.at(delta):
-            torch.manual_seed(self.rng_seed + index)
-            return self.loss.batch_value(self.model, batch)
-
-    def _grad(self, delta: dict, index: int, batch, create_graph: bool) -> list[torch.Tensor]:
-        """∇_δ ℓ_b at δ (zeros where ℓ_b does not depend on a coordinate)."""
-        leaves = [delta[n] for n in self.space.names]
-        return list(torch.autograd.grad(self._loss_at(delta, index, batch), leaves, create_graph=create_graph,
-                                        allow_unused=True, materialize_grads=True))
-
-    def _leaf(self, values: Optional[dict] = None) -> dict:
-        base = self.space.zeros() if values is None else values
-        return {n: base[n].detach().clone().requires_grad_(True) for n in self.space.names}
-
-    @staticmethod
-    def _grad_dot(grads: list[torch.Tensor], delta: dict, names: list[str], v: dict, retain: bool) -> list[torch.Tensor]:
-        """∂(g·v)/∂δ by double backward (zeros for coordinates g does not depend on)."""
-        pairs = [(g, v[n]) for g, n in zip(grads, names) if g.requires_grad]
-        if not pairs:
-            return [torch.zeros_like(delta[n]) for n in names]
-        return list(torch.autograd.grad([g for g, _ in pairs], [delta[n] for n in names],
-                                        grad_outputs=[u for _, u in pairs], retain_graph=retain,
-                                        allow_unused=True, materialize_grads=True))
-
-    def _double_backward(self, v: dict) -> dict:
-        names = self.space.names
-        session = self._session
-        graph = session["graphs"].get(session["shard_data"])  # this rank's batches, or all of them
-        if graph is None and self.keep_graphs > 0:  # Σ_b w_b ∇ℓ_b over the kept batches, once
-            delta = self._leaf()
-            total = None
-            for i, batch, w in self._batches():
-                if i >= self.keep_graphs:
-                    break
-                g = [w * t for t in self._grad(delta, i, batch, create_graph=True)]
-                total = g if total is None else [a + b for a, b in zip(total, g)]
-            graph = session["graphs"][session["shard_data"]] = (delta, total)
-        out = [torch.zeros_like(v[n]) for n in names]
-        if self.keep_graphs > 0 and graph[1] is not None:
-            delta, total = graph
-            out = self._grad_dot(total, delta, names, v, retain=True)
-        for i, batch, w in self._batches():
-            if i < self.keep_graphs:
-                continue
-            delta = self._leaf()
-            hv = self._grad_dot(self._grad(delta, i, batch, create_graph=True), delta, names, v, retain=False)
-            out = [a + w * b for a, b in zip(out, hv)]
-        return dict(zip(names, out))
-
-    def _func(self, v: dict) -> dict:
-        from torch.func import grad, jvp
-
-        names = self.space.names
-        zeros = self.space.zeros()
-        out = {n: torch.zeros_like(v[n]) for n in names}
-        for i, batch, w in self._batches():
-            _, hv = jvp(grad(lambda d: self._loss_at(d, i, batch)), (zeros,), (dict(v),))
-            out = {n: out[n] + w * hv[n] for n in names}
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        """H X: under ``torchrun`` by columns (:func:`split_columns`: each product on all the data on one
+        rank); in one process, column by column."""
+        if distributed.world_size() == 1 or X.shape[1] < 2:
+            return super()._matmat(X)  # LinearOperator's: one matvec per column
+        with self.session():
+            out = split_columns(lambda x: self._product(x, shard=False), X)
+        self.products += X.shape[1]
         return out
 
-    def _finite_difference(self, v: dict) -> dict:
-        names = self.space.names
-        norm = float(torch.sqrt(sum((v[n].double() ** 2).sum() for n in names)))
-        if norm == 0.0:
-            return {n: torch.zeros_like(v[n]) for n in names}
-        h = self.fd_step / norm
-        out = {n: torch.zeros_like(v[n]) for n in names}
-        for sign in (1.0, -1.0):
-            delta = self._leaf({n: sign * h * v[n] for n in names})
-            for i, batch, w in self._batches():
-                g = self._grad(delta, i, batch, create_graph=False)
-                out = {n: out[n] + (sign * w / (2 * h)) * t for n, t in zip(names, g)}
-        return out
+
+@dataclass
+class HessianRun(Generic[T]):
+    """What :func:`run_on_hessian` returns: the algorithm's result, the operator it ran on, the wall time."""
+
+    result: T
+    operator: HessianOperator
+    seconds: float
+
+    @property
+    def space(self) -> str:
+        """The operator's :attr:`~HessianOperator.space_name`."""
+        return self.operator.space_name
+
+
+def run_on_hessian(model: nn.Module, loss: Loss, space: Space | Selector, algorithm: Callable[[HessianOperator], T],
+                   *, name: str, total: Optional[int] = None, progress: bool = True,
+                   check: Optional[Callable[[int], None]] = None, **operator_options) -> HessianRun[T]:
+    """``algorithm(H)`` for the :class:`HessianOperator` H of ``loss`` in ``space``, inside one session.
+
+    Args:
+        algorithm: what to compute from the operator (Lanczos, Hutch++, SLQ, the dense matrix…).
+        name: the progress bar's label, shown as ``"name (space)"``; total: products expected.
+        check: called with the operator's dimension n before the session opens (argument checks
+            that need n raise here, before any work).
+        **operator_options: passed to :class:`HessianOperator`.
+
+    Returns:
+        The result, the operator and the seconds the session took.
+    """
+    op = HessianOperator(model, loss, space, **operator_options)
+    if check is not None:
+        check(op.shape[0])
+    start = time.perf_counter()
+    with op.session(desc=f"{name} ({op.space_name})", total=total, progress=progress):
+        result = algorithm(op)
+    return HessianRun(result, op, time.perf_counter() - start)

@@ -24,7 +24,6 @@ eigenvectors as direction dicts of that space.
 """
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -35,6 +34,7 @@ import torch
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from .linalg import as_operator, gaussian, generator
+from .operator import HessianOperator, run_on_hessian
 
 __all__ = ["lanczos", "power_iteration", "HessianEigenvalues", "hessian_eigenvalues", "EIGEN_METHODS", "WHICH",
            "default_ncv"]
@@ -222,25 +222,21 @@ def hessian_eigenvalues(model, loss, space="lora", k: int = 1, *, method: str = 
         seed: seed or ``torch.Generator`` of the start vectors.
         progress: show a progress bar of the Hessian-vector products.
         **operator_options: passed to :class:`landscape.HessianOperator` (``backend``,
-            ``include_trainable``, ``attention``, ``keep_graphs``, ``fd_step``).
+            ``include_trainable``, ``switch_attention``, ``keep_graphs``, ``fd_step``, ``rng_seed``).
 
     Raises:
         ValueError: unknown method or ``which``, k out of range, bad ``tol`` — before any work.
     """
-    from .operator import HessianOperator
-
     _check_eigen_args(k, None, method, which, tol)
-    op = HessianOperator(model, loss, space, **operator_options)
-    _check_eigen_args(k, op.shape[0], method, which, tol)
-    start = time.perf_counter()
-    with op.session(desc=f"{method} ({op.space_name})", progress=progress):
+
+    def eigenpairs(op: HessianOperator) -> tuple[np.ndarray, np.ndarray, int, bool]:
         if method == "lanczos":
-            values, vectors, products = lanczos(op, k, which=which, tol=tol, ncv=ncv, maxiter=maxiter, seed=seed)
-            converged = True
-        else:
-            values, vectors, products, converged = power_iteration(
-                op, k, which=which, tol=tol, maxiter=1000 if maxiter is None else maxiter, seed=seed)
+            return (*lanczos(op, k, which=which, tol=tol, ncv=ncv, maxiter=maxiter, seed=seed), True)
+        return power_iteration(op, k, which=which, tol=tol, maxiter=1000 if maxiter is None else maxiter, seed=seed)
+
+    run = run_on_hessian(model, loss, space, eigenpairs, name=method, progress=progress,
+                         check=lambda n: _check_eigen_args(k, n, method, which, tol), **operator_options)
+    values, vectors, products, converged = run.result
     return HessianEigenvalues(
-        eigenvalues=values, eigenvectors=[op.to_direction(vectors[:, j]) for j in range(vectors.shape[1])],
-        num_hvp=products, method=method, which=which, space=op.space_name, tol=tol, converged=converged,
-        seconds=time.perf_counter() - start)
+        eigenvalues=values, eigenvectors=[run.operator.to_direction(v) for v in vectors.T], num_hvp=products,
+        method=method, which=which, space=run.space, tol=tol, converged=converged, seconds=run.seconds)

@@ -12,7 +12,7 @@ Probes come from a ``torch.Generator`` (seeded), never the global RNG.
 """
 from __future__ import annotations
 
-import time
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from .linalg import as_operator, generator, rademacher
+from .operator import run_on_hessian
 
 __all__ = ["hutchinson", "hutch_plus_plus", "TraceEstimate", "hessian_trace", "TRACE_METHODS"]
 
@@ -105,13 +106,11 @@ def hessian_trace(model, loss, space="lora", *, method: str = "hutch++", num_sam
     Raises:
         ValueError: unknown method or too few samples — before any work.
     """
-    from .operator import HessianOperator
-
     _check_trace_args(method, num_samples)
-    op = HessianOperator(model, loss, space, **operator_options)
-    estimator = hutchinson if method == "hutchinson" else hutch_plus_plus
-    start = time.perf_counter()
-    with op.session(desc=f"{method} ({op.space_name})", total=int(num_samples), progress=progress):
-        estimate, stderr, samples, products = estimator(op, num_samples, seed=seed)
-    return TraceEstimate(estimate=estimate, stderr=stderr, num_hvp=products, method=method, space=op.space_name,
-                         seconds=time.perf_counter() - start, samples=samples)
+    estimator = functools.partial(hutchinson if method == "hutchinson" else hutch_plus_plus,
+                                  num_samples=num_samples, seed=seed)
+    run = run_on_hessian(model, loss, space, estimator, name=method, total=int(num_samples), progress=progress,
+                         **operator_options)
+    estimate, stderr, samples, products = run.result
+    return TraceEstimate(estimate=estimate, stderr=stderr, num_hvp=products, method=method, space=run.space,
+                         seconds=run.seconds, samples=samples)
