@@ -20,7 +20,7 @@ import sys
 from flatlora import METHODS, SAM_VARIANTS, TASKS, TrainConfig, distributed, run
 from flatlora.flat_lora import SCHEDULES
 from flatlora.perturb import MODES
-from flatlora.sam import SAM_GRADIENTS
+from flatlora.sam import ADAPTIVE_SCOPES, SAM_GRADIENTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,15 +31,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, help="LoRA alpha (task default: 16)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
     p.add_argument("--sigma", type=float, help="Flat-LoRA noise scale σ (task default: 0.05)")
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="σ schedule over optimizer steps")
-    p.add_argument("--mode", default="exact", choices=MODES, help="weight-perturbation mode")
+    p.add_argument("--schedule", default=TrainConfig.schedule, choices=SCHEDULES,
+                   help="σ schedule over optimizer steps")
+    p.add_argument("--mode", default=TrainConfig.mode, choices=MODES, help="weight-perturbation mode")
     p.add_argument("--shared-noise", action="store_true",
                    help="under torchrun: rank 0's Flat-LoRA noise on every rank (default: independent per rank)")
     p.add_argument("--rho", type=float, help="SAM radius ρ (SAM methods; default per method: "
                    + ", ".join(f"{m} {v.rho}" for m, v in SAM_VARIANTS.items()) + ")")
-    p.add_argument("--sam-gradient", default="local", choices=SAM_GRADIENTS,
+    p.add_argument("--sam-gradient", default=TrainConfig.sam_gradient, choices=SAM_GRADIENTS,
                    help="under torchrun: SAM's ε from each rank's own gradient (local, default: cheaper) or from "
                    "their mean (global: equals one process with the whole batch)")
+    p.add_argument("--adaptive-scope", default=TrainConfig.adaptive_scope, choices=ADAPTIVE_SCOPES,
+                   help="ASAM methods: T = |θ| + η on every tensor (all, default) or on weights only, T = 1 on "
+                   "biases (weights: the SamsungLabs/ASAM code)")
     p.add_argument("--lr", type=float, help="learning rate (task default)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="optimizer steps")
@@ -61,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    distributed.ensure_initialized()  # under torchrun: join the process group
     task_options = {}
     if a.task == "custom":
         task_options = {k: v for k, v in (("model_dir", a.model_dir), ("train_csv", a.train_csv),
@@ -68,7 +73,8 @@ def main(argv=None) -> int:
     cfg = TrainConfig(task=a.task, method=a.method, rank=a.rank, alpha=a.alpha, lora_dropout=a.lora_dropout,
                       sigma=a.sigma, lr=a.lr, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
                       grad_accum=a.grad_accum, seed=a.seed, schedule=a.schedule, mode=a.mode, rho=a.rho,
-                      shared_noise=a.shared_noise, sam_gradient=a.sam_gradient, task_options=task_options)
+                      shared_noise=a.shared_noise, sam_gradient=a.sam_gradient, adaptive_scope=a.adaptive_scope,
+                      task_options=task_options)
     try:
         _, metrics = run(cfg, a.out, overwrite=a.overwrite, progress=not a.no_progress, device=a.device)
     except (ValueError, FileExistsError, FileNotFoundError) as e:

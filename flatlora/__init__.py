@@ -6,18 +6,19 @@ The pieces, one module each:
 * :func:`perturbed` — the one weight-perturbation mechanism (``exact`` / ``inplace``);
 * :class:`FlatLoRA`, :func:`filter_noise_std` — Flat-LoRA's filter-wise noise and σ schedule;
 * :class:`SAM`, :class:`MergedSAM` — SAM / ASAM on a parameter set and on the merged weights;
-* :data:`METHODS` — the training methods; :func:`train_loop`, :func:`run` — the plain loop and a
+* :data:`METHODS` — the training methods, their options typed (:class:`PlainOptions`,
+  :class:`FlatLoRAOptions`, :class:`SAMOptions`); :func:`train_loop`, :func:`run` — the plain loop and a
   whole run with outputs; :class:`FlatLoRATrainer`, :class:`SAMTrainer` — ``Trainer`` subclasses;
 * :func:`get_task` — real tasks available offline (``rt-minilm``, ``r8-minilm``, ``digits-mlp``,
   ``tiny-t5-repeat``, ``custom``).
 """
 from . import distributed
 from .batches import batch_loss, batch_size
-from .flat_lora import FlatLoRA, filter_noise_std, noise_seed, sigma_schedule
+from .flat_lora import FlatLoRA, FlatLoRAOptions, filter_noise_std, noise_seed, sigma_schedule
 from .lora_view import LoRALayerView, UnsupportedAdapterError, lora_layers
-from .methods import METHODS, Method, MethodError, SAMStep, StepRunner, get_method, register_method
+from .methods import METHODS, Method, MethodError, PlainOptions, SAMStep, StepRunner, get_method, register_method
 from .perturb import DeltaSource, PerturbationError, SeededGaussian, perturbed
-from .sam import SAM, SAM_VARIANTS, MergedSAM, build_sam, running_stats_frozen, sam_epsilon
+from .sam import SAM, SAM_VARIANTS, MergedSAM, SAMOptions, build_sam, running_stats_frozen, sam_epsilon
 from .tasks import TASKS, Task, TaskError, get_task
 from .training import TrainConfig, load_run, prepare_model, run, train_loop
 

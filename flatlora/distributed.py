@@ -1,10 +1,16 @@
 """The one place that knows ``torch.distributed``: process group, rank, sharding and collectives.
 
 Launched by ``torchrun`` (or ``accelerate launch``), every process sees ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` in its environment. :func:`init` starts the default process group from them the first
-time any parallel-aware function asks (gloo on CPU, nccl when CUDA is available), so scripts need no
-code of their own to run under ``torchrun``; a process group the user started already is used as it
-is. Without a launcher every function here is the single-process identity: rank 0 of 1.
+``LOCAL_RANK`` in its environment. Joining the process group is one explicit step: a script calls
+:func:`ensure_initialized` at its start (:func:`flatlora.run` and every script in
+``analysis_scripts/`` do), which starts the default group from that environment once (gloo on CPU,
+nccl when CUDA is available, then ``cuda:LOCAL_RANK`` as the current device); a process group the
+user started already is used as it is. Reading the rank never starts anything: :func:`rank` and
+:func:`world_size` read the group when there is one, else the launcher's environment, so a
+constructor such as :class:`~flatlora.FlatLoRA` may ask for them at any time. A collective asked for
+under a launcher whose group was never joined fails with a message that says to call
+:func:`ensure_initialized`. Without a launcher every function here is the single-process identity:
+rank 0 of 1.
 
 Work is split by striding: item i goes to rank i mod W (:func:`shard`), which balances uneven
 costs and keeps every rank's share deterministic, so an interrupted run resumes per shard.
@@ -23,25 +29,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "device", "shard", "shard_path",
-           "all_gather_objects", "all_reduce_sum_", "all_reduce_mean_", "broadcast_object", "barrier",
+__all__ = ["ensure_initialized", "is_distributed", "rank", "world_size", "is_main", "device", "shard",
+           "shard_path", "all_gather_objects", "all_reduce_sum_", "all_reduce_mean_", "broadcast_object", "barrier",
            "mean_over_ranks", "all_ranks", "main_only", "wrap_ddp"]
 
 T = TypeVar("T")
 
 
-def _env_world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def _group_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def init(backend: str | None = None) -> bool:
-    """Join the process group ``torchrun`` set up the environment for, once; True when running with
-    more than one process. ``backend`` defaults to nccl with CUDA, else gloo."""
-    if not dist.is_available():
-        return False
-    if dist.is_initialized():
+def ensure_initialized(backend: str | None = None) -> bool:
+    """Join the process group that ``torchrun`` set the environment up for; True when running with
+    more than one process.
+
+    Idempotent: a group that exists already (started here before, or by the user) is used as it is.
+    Under a launcher it reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` and ``MASTER_ADDR`` /
+    ``MASTER_PORT``; ``backend`` defaults to nccl with CUDA (and makes ``cuda:LOCAL_RANK`` the
+    current device), else gloo. In one process it does nothing and returns False."""
+    if _group_ready():
         return dist.get_world_size() > 1
-    if _env_world() <= 1:
+    if not dist.is_available() or world_size() <= 1:
         return False
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -50,17 +59,35 @@ def init(backend: str | None = None) -> bool:
     return True
 
 
-def is_distributed() -> bool:
-    """More than one process (initializing the group from the environment if needed)."""
-    return init()
-
-
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """This process's rank: the group's when there is one, else the launcher's ``RANK`` (0 without
+    one). A plain read: it never starts a process group."""
+    return dist.get_rank() if _group_ready() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    """The number of processes: the group's when there is one, else the launcher's ``WORLD_SIZE``
+    (1 without one). A plain read: it never starts a process group."""
+    return dist.get_world_size() if _group_ready() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_distributed() -> bool:
+    """More than one process (a plain read, like :func:`world_size`)."""
+    return world_size() > 1
+
+
+def _collective() -> bool:
+    """True when a collective must talk to the other ranks; False in one process. Several processes
+    without a joined group is an error that says how to join it."""
+    if not is_distributed():
+        return False
+    if not _group_ready():
+        raise RuntimeError(
+            f"this is rank {rank()} of {world_size()} processes (from the launcher's environment), but the "
+            "process group was never joined; call flatlora.distributed.ensure_initialized() at the start of "
+            "the script"
+        )
+    return True
 
 
 def is_main() -> bool:
@@ -94,7 +121,7 @@ def shard_path(path: str | os.PathLike) -> Path:
 
 def all_gather_objects(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, …]`` on every rank (picklable objects)."""
-    if not is_distributed():
+    if not _collective():
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
@@ -103,7 +130,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
     """Σ over ranks, in place, as one flat message (of one dtype; nccl needs CUDA tensors)."""
-    if not is_distributed() or not tensors:
+    if not _collective() or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
@@ -115,7 +142,7 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
     """Mean over ranks, in place."""
-    if not is_distributed():
+    if not _collective():
         return
     all_reduce_sum_(tensors)
     for t in tensors:
@@ -124,7 +151,7 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
 
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every rank."""
-    if not is_distributed():
+    if not _collective():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -132,7 +159,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 
 def barrier() -> None:
-    if is_distributed():
+    if _collective():
         dist.barrier()
 
 
@@ -144,7 +171,7 @@ def _scalar(value: float) -> torch.Tensor:
 
 def mean_over_ranks(value: float) -> float:
     """The mean of a number over the ranks (the number itself in one process)."""
-    if not is_distributed():
+    if not _collective():
         return float(value)
     t = _scalar(value)
     all_reduce_mean_([t])
@@ -153,7 +180,7 @@ def mean_over_ranks(value: float) -> float:
 
 def all_ranks(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on every rank: one decision that all ranks share."""
-    if not is_distributed():
+    if not _collective():
         return bool(flag)
     t = _scalar(bool(flag))
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -163,7 +190,7 @@ def all_ranks(flag: bool) -> bool:
 def main_only(fn: Callable[[], T]) -> T:
     """``fn()`` run by rank 0 alone; its result on every rank, or the exception it raised raised on
     every rank (the others wait for it: a barrier)."""
-    if not is_distributed():
+    if not _collective():
         return fn()
     result, error = None, None
     if is_main():
@@ -183,6 +210,6 @@ def wrap_ddp(model: nn.Module) -> Optional[nn.parallel.DistributedDataParallel]:
     DDP broadcasts rank 0's parameters and buffers once, here, and in every backward that is not
     under ``no_sync()`` averages the gradients over the ranks. ``model`` must already be on this
     process's :func:`device` (one device per process)."""
-    if not is_distributed():
+    if not _collective():
         return None
     return nn.parallel.DistributedDataParallel(model)

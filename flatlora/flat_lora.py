@@ -16,8 +16,11 @@ is never touched, so dropout masks and data order are those of plain LoRA with t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
+import numbers
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -25,25 +28,66 @@ from torch import nn
 
 from . import distributed
 from .lora_view import lora_layers
-from .perturb import MODES, SeededGaussian, perturbed
+from .perturb import SeededGaussian, check_mode, perturbed
 
-__all__ = ["FlatLoRA", "filter_noise_std", "sigma_schedule", "noise_seed", "SCHEDULES"]
+__all__ = ["FlatLoRA", "FlatLoRAOptions", "filter_noise_std", "sigma_schedule", "noise_seed", "SCHEDULES",
+           "check_sigma", "check_schedule"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def check_sigma(sigma: float) -> float:
+    """σ, Flat-LoRA's noise scale, checked: a finite number ≥ 0 (0: no noise). Returns it as a float."""
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma (Flat-LoRA's noise scale σ) must be a finite number >= 0, got {sigma!r} "
+                         "(the paper uses 0.05 for text, 0.15 for vision)")
+    return float(sigma)
+
+
+def check_schedule(schedule: str) -> str:
+    """The σ schedule's name, checked: one of :data:`SCHEDULES`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown σ schedule {schedule!r}; choose one of {SCHEDULES}")
+    return schedule
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlatLoRAOptions:
+    """Flat-LoRA's settings, and the one place their defaults are written (:class:`FlatLoRA` has them).
+
+    Attributes:
+        sigma: the target noise scale σ ≥ 0 (Li et al.: 0.05 for text, 0.15 for vision).
+        schedule: σ_t over the optimizer steps, one of :data:`SCHEDULES`.
+        total_steps: T, the number of optimizer steps (global under DDP); ``constant`` needs none.
+        seed: the noise seed. mode: the perturbation mode (``exact`` / ``inplace``).
+        shared_noise: rank 0's noise on every rank instead of each rank's own.
+    """
+
+    sigma: float = 0.05
+    schedule: str = "cosine"
+    total_steps: Optional[int] = None
+    seed: int = 0
+    mode: str = "exact"
+    shared_noise: bool = False
+
+    def __post_init__(self):
+        check_sigma(self.sigma)
+        check_schedule(self.schedule)
+        check_mode(self.mode)
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
+
+
 def filter_noise_std(merged_weight: torch.Tensor, sigma: float) -> torch.Tensor:
     """Per-row noise std of Flat-LoRA: std_i = σ · ‖W'_{i,:}‖₂ / √n for an m×n (out × in) weight."""
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    sigma = check_sigma(sigma)
     w = merged_weight.detach().flatten(1).float()
     return sigma * w.norm(dim=1) / math.sqrt(w.shape[1])
 
 
-def sigma_schedule(sigma: float, step: int, total_steps: int, schedule: str = "cosine") -> float:
+def sigma_schedule(sigma: float, step: int, total_steps: int, schedule: str = FlatLoRAOptions.schedule) -> float:
     """σ_t for optimizer step t of T: cosine σ(1−cos(πt/T))/2, linear σt/T, or constant σ (t clipped to [0, T])."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    check_schedule(schedule)
     if schedule == "constant":
         return float(sigma)
     if total_steps is None or total_steps <= 0:
@@ -85,35 +129,27 @@ class FlatLoRA:
             noise: the averaged gradient sees W noise samples per step).
         shared_noise: use rank 0's noise on every rank instead (then W processes with batch b
             compute exactly what one process computes with batch W·b).
+
+    The defaults are :class:`FlatLoRAOptions`'; ``FlatLoRA(model, **dataclasses.asdict(options))``
+    builds it from options.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        sigma: float = 0.05,
+        sigma: float = FlatLoRAOptions.sigma,
         *,
-        total_steps: Optional[int] = None,
-        schedule: str = "cosine",
-        seed: int = 0,
-        mode: str = "exact",
+        total_steps: Optional[int] = FlatLoRAOptions.total_steps,
+        schedule: str = FlatLoRAOptions.schedule,
+        seed: int = FlatLoRAOptions.seed,
+        mode: str = FlatLoRAOptions.mode,
         rank: Optional[int] = None,
-        shared_noise: bool = False,
+        shared_noise: bool = FlatLoRAOptions.shared_noise,
     ):
-        if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
-            raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if total_steps is not None and total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        options = FlatLoRAOptions(sigma=sigma, total_steps=total_steps, schedule=schedule, seed=seed, mode=mode,
+                                  shared_noise=shared_noise)  # checks every setting
         self.layers = lora_layers(model)  # raises on AdaLoRA / DoRA / no LoRA layer
-        self.sigma = float(sigma)
-        self.total_steps = total_steps
-        self.schedule = schedule
-        self.seed = int(seed)
-        self.mode = mode
-        self.shared_noise = shared_noise
+        vars(self).update(dataclasses.asdict(options))  # sigma, total_steps, schedule, seed, mode, shared_noise
         self.rank = 0 if shared_noise else (distributed.rank() if rank is None else int(rank))
 
     def sigma_at(self, step: int) -> float:

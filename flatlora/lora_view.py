@@ -142,11 +142,6 @@ class LoRALayerView:
 
 
 def _conv_forward(layer: nn.Conv2d) -> Callable:
-    if layer.padding_mode != "zeros":
-        raise UnsupportedAdapterError(
-            f"Conv2d with padding_mode={layer.padding_mode!r} is not supported; use padding_mode='zeros'."
-        )
-
     def run(x, w, b):
         return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
@@ -216,6 +211,10 @@ def lora_layers(model: nn.Module) -> list[LoRALayerView]:
         elif isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise UnsupportedAdapterError(f"module {name!r}: grouped Conv2d (groups={base.groups}) is not supported.")
+            if base.padding_mode != "zeros":  # found here, when FlatLoRA, SAM or a space is built
+                raise UnsupportedAdapterError(f"module {name!r}: Conv2d with padding_mode={base.padding_mode!r} is not "
+                                              "supported (the perturbed convolution pads with zeros); use "
+                                              "padding_mode='zeros'.")
             kind = "conv2d"
         else:
             raise UnsupportedAdapterError(

@@ -21,24 +21,29 @@ over the ranks once per step, in the backward of the step's last micro-batch. Th
 ``asam-full``  ASAM on the merged weights; default ρ 0.5
 =============  ====================================================================================
 
+Each method's options are typed, one dataclass per family, which holds their defaults:
+:class:`PlainOptions` (none), :class:`~flatlora.flat_lora.FlatLoRAOptions` (σ, schedule, T, seed,
+mode, shared noise), :class:`~flatlora.sam.SAMOptions` (ρ, gradient mode, η, ASAM's scope).
 The SAM family's defaults and where ε lives: :mod:`flatlora.sam`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import distributed
 from .batches import batch_loss, batch_size
-from .flat_lora import FlatLoRA
-from .sam import SAM_VARIANTS, build_sam, running_stats_frozen
+from .flat_lora import FlatLoRA, FlatLoRAOptions
+from .sam import SAM_VARIANTS, SAMOptions, build_sam, optimizer_params, running_stats_frozen
 
 __all__ = ["StepRunner", "FlatLoRAStep", "SAMStep", "Method", "METHODS", "register_method", "get_method",
-           "MethodError"]
+           "MethodError", "PlainOptions"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -111,15 +116,12 @@ class StepRunner:
         """The step's loss over every rank's samples: the mean over the ranks under DDP."""
         return loss if self.ddp is None else distributed.mean_over_ranks(loss)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
-
     def update(self) -> None:
         """Clip, apply the optimizer and the LR schedule (with a scaler: unscale once, skip on inf/NaN)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(optimizer_params(self.optimizer), self.max_grad_norm)
         if self.scaler is None:
             self.optimizer.step()
         else:
@@ -191,19 +193,51 @@ class SAMStep(StepRunner):
 
 
 @dataclass(frozen=True)
+class PlainOptions:
+    """Plain training (``lora``, ``full-ft``) has no options."""
+
+
+@dataclass(frozen=True)
 class Method:
     """A registered training method.
 
-    ``build(model, optimizer, options, **runner_kwargs) -> StepRunner``; ``options`` holds the
-    method's settings (``sigma``, ``schedule``, ``total_steps``, ``seed``, ``mode``, ``shared_noise``,
-    ``rho``, ``sam_gradient`` …); ``runner_kwargs`` go to the runner (``ddp`` among them).
-    ``option_names`` lists the options the method reads (documentation; the others are ignored)."""
+    ``runner(model, optimizer, options, **runner_kwargs) -> StepRunner`` makes its runner from typed
+    ``options``, an instance of ``options_type`` (a frozen dataclass whose field defaults are the
+    method's defaults). Call it through :meth:`build`, which also takes a mapping."""
 
     name: str
     uses_lora: bool
     description: str
-    build: Callable[..., StepRunner]
-    option_names: tuple[str, ...] = ()
+    runner: Callable[..., StepRunner]
+    options_type: type = PlainOptions
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        """The options the method reads: the fields of ``options_type``."""
+        return tuple(f.name for f in dataclasses.fields(self.options_type))
+
+    def options(self, given: Any = None) -> Any:
+        """``given`` as this method's typed options: None gives the defaults, a mapping is converted
+        (a key that is not an option is an error), an ``options_type`` instance is returned as is."""
+        if given is None:
+            given = {}
+        if isinstance(given, self.options_type):
+            return given
+        if not isinstance(given, Mapping):
+            raise MethodError(f"method {self.name!r} takes {self.options_type.__name__} or a mapping of its fields "
+                              f"{list(self.option_names)}, got {type(given).__name__}")
+        unknown = sorted(set(given) - set(self.option_names))
+        if unknown:
+            known = (f"its options are {list(self.option_names)}" if self.option_names else "it takes none")
+            raise MethodError(f"method {self.name!r} has no option(s) {unknown}: {known} "
+                              f"({self.options_type.__name__}); remove or rename them")
+        return self.options_type(**given)
+
+    def build(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+              options: Any = None, **runner_kwargs) -> StepRunner:
+        """The method's runner on ``model`` and ``optimizer``; ``options`` as :meth:`options` takes
+        them; ``runner_kwargs`` go to the runner (``loss_fn``, ``scaler``, ``ddp`` …)."""
+        return self.runner(model, optimizer, self.options(options), **runner_kwargs)
 
 
 METHODS: dict[str, Method] = {}
@@ -221,39 +255,25 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def _plain(model, optimizer, options, **kw):
+def _plain(model, optimizer, options: PlainOptions, **kw) -> StepRunner:
     return StepRunner(model, optimizer, **kw)
 
 
-def _flat_lora(model, optimizer, options, **kw):
-    flat = FlatLoRA(
-        model,
-        sigma=options.get("sigma", 0.05),
-        total_steps=options["total_steps"],
-        schedule=options.get("schedule", "cosine"),
-        seed=options.get("seed", 0),
-        mode=options.get("mode", "exact"),
-        shared_noise=options.get("shared_noise", False),
-    )
-    return FlatLoRAStep(model, optimizer, flat_lora=flat, **kw)
+def _flat_lora(model, optimizer, options: FlatLoRAOptions, **kw) -> FlatLoRAStep:
+    if options.total_steps is None and options.schedule != "constant":
+        raise MethodError(f"flat-lora's {options.schedule!r} σ schedule runs over total_steps, the number of "
+                          "optimizer steps: give total_steps, or schedule='constant'")
+    return FlatLoRAStep(model, optimizer, flat_lora=FlatLoRA(model, **dataclasses.asdict(options)), **kw)
+
+
+def _sam(name: str, model, optimizer, options: SAMOptions, **kw) -> SAMStep:
+    return SAMStep(model, optimizer, sam=build_sam(name, model, optimizer, options), **kw)
 
 
 register_method(Method("full-ft", False, "full fine-tuning (every parameter)", _plain))
 register_method(Method("lora", True, "plain LoRA", _plain))
-register_method(
-    Method("flat-lora", True, "Flat-LoRA: filter-wise weight noise in the merged space", _flat_lora,
-           ("sigma", "schedule", "total_steps", "seed", "mode", "shared_noise"))
-)
-
-
-def _sam_builder(name: str) -> Callable[..., StepRunner]:
-    def build(model, optimizer, options, **kw):
-        sam = build_sam(name, model, optimizer, rho=options.get("rho"), gradient=options.get("sam_gradient", "local"))
-        return SAMStep(model, optimizer, sam=sam, **kw)
-
-    return build
-
-
+register_method(Method("flat-lora", True, "Flat-LoRA: filter-wise weight noise in the merged space", _flat_lora,
+                       FlatLoRAOptions))
 for _name, _variant in SAM_VARIANTS.items():
-    register_method(Method(_name, _variant.uses_lora, _variant.description, _sam_builder(_name),
-                           ("rho", "sam_gradient")))
+    register_method(Method(_name, _variant.uses_lora, _variant.description, functools.partial(_sam, _name),
+                           SAMOptions))

@@ -35,9 +35,16 @@ from typing import Iterator, Mapping, Protocol, Sequence, Union, runtime_checkab
 import torch
 from .lora_view import LoRALayerView
 
-__all__ = ["DeltaSource", "SeededGaussian", "perturbed", "PerturbationError", "MODES"]
+__all__ = ["DeltaSource", "SeededGaussian", "perturbed", "PerturbationError", "MODES", "check_mode"]
 
 MODES = ("exact", "inplace")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else a ValueError that lists them."""
+    if mode not in MODES:
+        raise ValueError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
+    return mode
 
 
 class PerturbationError(RuntimeError):
@@ -290,8 +297,7 @@ def perturbed(
     between compiled pieces; those recompile during the first two steps (per layer shape, then once
     more when the seed turns dynamic) and never after. Check other versions with ``TORCH_LOGS=recompiles``.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
+    check_mode(mode)
     by_name = {v.name: v for v in views}
     unknown = sorted(set(deltas) - set(by_name))
     if unknown:

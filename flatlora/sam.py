@@ -9,6 +9,18 @@ ASAM (Kwon et al., ICML 2021) measures the neighbourhood in coordinates scaled b
 
     ε = ρ · T² g / ‖T g‖₂,    η = 0.01.
 
+Which tensors ASAM scales (``adaptive_scope``): ``"all"`` (the default) applies T = |θ| + η to every
+tensor of θ, biases and a head's included; ``"weights"`` applies it only to the parameters whose
+name contains ``weight`` and gives the others T = 1, SAM's scaling — what the authors' code does
+(SamsungLabs/ASAM, ``ascent_step``: ``if 'weight' in n``). We keep ``"all"`` as the default because
+it is the paper's definition — the element-wise operator T_w = diag(|w_1|, …, |w_k|) runs over every
+coordinate of w — and the one that has the invariance ASAM is built on: multiplying a ReLU unit's
+incoming weights *and its bias* by a > 0 and its outgoing weights by 1/a leaves the function
+unchanged, and Kwon et al.'s condition T_{Aθ}⁻¹A = T_θ⁻¹ holds for that rescaling A on every
+coordinate with T = |θ| (η → 0), but not on a bias held at T = 1. The choice matters only where θ
+holds biases or normalization parameters: the head of ``asam-lora``, or full models; every tensor of
+the merged space (``asam-full``) is a weight matrix.
+
 The norm is taken over the whole space at once. Two spaces for a LoRA model (Li et al., ICML 2025,
 Table 6 — SAM on A, B: 2× time; SAM on W: 2× time and O(mn) memory):
 
@@ -44,8 +56,9 @@ loss). For :class:`SAM` the two pass contexts do nothing; :class:`MergedSAM` nee
   the one ``scaler.step`` (or ``scaler.unscale_`` before clipping). Pass the scaler to ``first_step``:
   a first gradient that is not finite then skips the ascent, leaves NaN gradients so that
   ``scaler.step`` skips the step and ``scaler.update`` lowers the scale; without a scaler it raises
-  :class:`FloatingPointError`. Parameters are changed with in-place ops only, never by assigning
-  ``.data``.
+  :class:`FloatingPointError`. Under several processes the ranks agree first (one all-reduce of a
+  flag), so all of them skip, or all of them raise. Parameters are changed with in-place ops only,
+  never by assigning ``.data``.
 * BatchNorm: run the second pass under :func:`running_stats_frozen` so that running statistics are
   updated once per micro-batch, by the first pass (the runner and the Trainer do).
 * Several processes (DDP, ``torchrun``): the first pass runs under ``no_sync()`` (the runner and the
@@ -63,6 +76,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Union
 
@@ -73,31 +87,93 @@ from . import distributed
 from .lora_view import UnsupportedAdapterError, lora_layers
 from .perturb import perturbed
 
-__all__ = ["SAM", "MergedSAM", "sam_epsilon", "running_stats_frozen", "SAMVariant", "SAM_VARIANTS", "build_sam",
-           "resolve_sam", "optimizer_params", "SAM_GRADIENTS"]
+__all__ = ["SAM", "MergedSAM", "SAMOptions", "sam_epsilon", "running_stats_frozen", "SAMVariant", "SAM_VARIANTS",
+           "build_sam", "resolve_sam", "optimizer_params", "SAM_GRADIENTS", "ADAPTIVE_SCOPES", "check_rho",
+           "check_eta", "check_sam_gradient", "check_adaptive_scope"]
 
 BaseOptimizer = Union[type, torch.optim.Optimizer]
 SAM_GRADIENTS = ("local", "global")  # what ε comes from under several processes (module docstring)
+ADAPTIVE_SCOPES = ("all", "weights")  # which tensors ASAM scales by |θ| + η (module docstring)
+
+
+def _finite_nonnegative(name: str, value: float, meaning: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} ({meaning}) must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_rho(rho: float, name: str = "rho") -> float:
+    """ρ, the radius of SAM's neighbourhood, checked: a finite number ≥ 0 (0: plain training); as a float."""
+    return _finite_nonnegative(name, rho, "the SAM radius ρ")
+
+
+def check_eta(eta: float, name: str = "eta") -> float:
+    """η of ASAM's T = |θ| + η, checked: a finite number ≥ 0. Returns it as a float."""
+    return _finite_nonnegative(name, eta, "ASAM's η in T = |θ| + η")
+
+
+def check_sam_gradient(gradient: str, name: str = "gradient") -> str:
+    """The SAM gradient mode, checked: one of :data:`SAM_GRADIENTS` (what ε comes from under several
+    processes: each rank's own gradient, or their mean)."""
+    if gradient not in SAM_GRADIENTS:
+        raise ValueError(f"{name} must be one of {SAM_GRADIENTS} (what SAM's ε comes from under several processes: "
+                         f"each rank's own gradient, or their mean), got {gradient!r}")
+    return gradient
+
+
+def check_adaptive_scope(scope: str, name: str = "adaptive_scope") -> str:
+    """ASAM's scope, checked: one of :data:`ADAPTIVE_SCOPES` (see the module docstring)."""
+    if scope not in ADAPTIVE_SCOPES:
+        raise ValueError(f"{name} must be one of {ADAPTIVE_SCOPES} (which tensors ASAM scales by |θ| + η: every one, "
+                         f"or only those named '*weight*' as in SamsungLabs/ASAM), got {scope!r}")
+    return scope
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAMOptions:
+    """The settings of a SAM-family method, and the one place their defaults are written.
+
+    Attributes:
+        rho: ρ ≥ 0; ``None`` takes the method's default (:data:`SAM_VARIANTS`).
+        gradient: under several processes, ε from each rank's own gradient (``"local"``) or from
+            their mean (``"global"``): see the module docstring.
+        eta: η ≥ 0 of ASAM's T = |θ| + η (Kwon et al.'s 0.01).
+        adaptive_scope: which tensors ASAM scales, ``"all"`` or ``"weights"`` (module docstring).
+    """
+
+    rho: Optional[float] = None
+    gradient: str = "local"
+    eta: float = 0.01
+    adaptive_scope: str = "all"
+
+    def __post_init__(self):
+        if self.rho is not None:
+            check_rho(self.rho)
+        check_sam_gradient(self.gradient)
+        check_eta(self.eta)
+        check_adaptive_scope(self.adaptive_scope)
 
 
 def sam_epsilon(
-    grads: Sequence[torch.Tensor], rho: float, *, points: Optional[Sequence[torch.Tensor]] = None, eta: float = 0.01
+    grads: Sequence[torch.Tensor], rho: float, *, points: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    eta: float = SAMOptions.eta,
 ) -> Optional[list[torch.Tensor]]:
     """The ascent step over a set of tensors, ‖·‖₂ taken over all of them together.
 
     SAM: ε = ρ g / ‖g‖₂. ASAM, when the current ``points`` θ are given: ε = ρ T² g / ‖T g‖₂ with
-    T = |θ| + η. A zero gradient gives ε = 0. Returns ``None`` when the norm is not finite.
+    T = |θ| + η per coordinate; a ``None`` point gives its tensor T = 1 (SAM's scaling, as
+    SamsungLabs/ASAM does for biases). A zero gradient gives ε = 0. Returns ``None`` when the norm is
+    not finite.
     """
-    scaled = grads if points is None else [(x.abs() + eta) * g for x, g in zip(points, grads)]  # T g
+    scales = [None] * len(grads) if points is None else [None if x is None else x.abs() + eta for x in points]
+    scaled = [g if t is None else t * g for t, g in zip(scales, grads)]  # T g
     device = grads[0].device
     norm = float(torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32).to(device) for t in scaled])))
     if not math.isfinite(norm):
         return None
     c = rho / norm if norm > 0 else 0.0
-    if points is None:
-        return [g * c for g in grads]
-    return [(x.abs() + eta) * t * c for x, t in zip(points, scaled)]  # T · T g · ρ/‖T g‖
+    return [tg * c if t is None else t * tg * c for t, tg in zip(scales, scaled)]  # T · T g · ρ/‖T g‖
 
 
 @contextlib.contextmanager
@@ -119,7 +195,7 @@ def running_stats_frozen(model: nn.Module) -> Iterator[None]:
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters an optimizer updates, in group order."""
+    """The parameters an optimizer updates, in group order (what SAM perturbs, what a runner clips)."""
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
@@ -131,15 +207,6 @@ def _merged_space(model: nn.Module):
                                       "For full fine-tuning use SAM / method 'sam'.") from e
 
 
-def _check_settings(rho: float, eta: float, gradient: str = "local") -> None:
-    for name, value in (("rho", rho), ("eta", eta)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if gradient not in SAM_GRADIENTS:
-        raise ValueError(f"the SAM gradient must be one of {SAM_GRADIENTS} (what ε comes from under several "
-                         f"processes), got {gradient!r}")
-
-
 class _SharpnessAware(torch.optim.Optimizer):
     """What SAM and MergedSAM share: the base optimizer, the two steps, the closure step.
 
@@ -147,8 +214,9 @@ class _SharpnessAware(torch.optim.Optimizer):
     θ + ε), ``restore`` (back to θ), and the two pass contexts."""
 
     def __init__(self, params: Iterable[torch.Tensor], base_optimizer: BaseOptimizer, rho: float, adaptive: bool,
-                 eta: float, gradient: str, **kwargs):
-        _check_settings(rho, eta, gradient)
+                 eta: float, gradient: str, adaptive_scope: str, **kwargs):
+        # ρ is a number here (a method's default, rho=None, is resolved by build_sam); SAMOptions checks the rest
+        SAMOptions(rho=check_rho(rho), gradient=gradient, eta=eta, adaptive_scope=adaptive_scope)
         params = list(params)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if kwargs:
@@ -164,10 +232,11 @@ class _SharpnessAware(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups
         self.rho, self.adaptive, self.eta, self.gradient = float(rho), bool(adaptive), float(eta), gradient
+        self.adaptive_scope = adaptive_scope
 
     # --- where ε lives (subclasses) --------------------------------------------------------------
-    def _gradients(self) -> tuple[list, list[torch.Tensor], Optional[list[torch.Tensor]]]:
-        """(where ε goes, g there, the points θ for ASAM or None)."""
+    def _gradients(self) -> tuple[list, list[torch.Tensor], Optional[list[Optional[torch.Tensor]]]]:
+        """(where ε goes, g there, the points θ for ASAM — None for a tensor it leaves at T = 1 — or None)."""
         raise NotImplementedError
 
     def _ascend(self, where: list, eps: list[torch.Tensor]) -> None:
@@ -194,19 +263,20 @@ class _SharpnessAware(torch.optim.Optimizer):
 
         With a GradScaler (the one that scaled the losses), a gradient that is not finite moves
         nothing, leaves NaN gradients (so ``scaler.step`` skips this step and ``scaler.update``
-        lowers the scale) and returns False: skip the second pass. Under several processes that
-        decision is shared: if any rank's gradient is not finite, every rank skips. Without a
-        scaler it raises."""
+        lowers the scale) and returns False: skip the second pass. Without a scaler it raises
+        FloatingPointError. Under several processes the decision is shared (one all-reduce of a flag
+        every step): if any rank's gradient is not finite, every rank skips, or every rank raises —
+        never one rank alone, which would leave the others waiting in the second pass's collective."""
         where, grads, points = self._gradients()
         if self.gradient == "global":
             distributed.all_reduce_mean_(grads)
         eps = sam_epsilon(grads, self.rho, points=points, eta=self.eta)
-        if scaler is not None and scaler.is_enabled() and not distributed.all_ranks(eps is not None):
-            eps = None  # another rank's gradient overflowed: skip together (the second pass syncs)
-        if eps is None:
+        if not distributed.all_ranks(eps is not None):
             if scaler is None or not scaler.is_enabled():
-                raise FloatingPointError("the gradient at θ is not finite (inf/NaN) and no GradScaler is active to "
-                                         "skip the step: lower the learning rate, or scale the loss with a GradScaler")
+                which = "on this rank" if eps is None else "on another rank (this rank's is finite)"
+                raise FloatingPointError(f"the gradient at θ is not finite (inf/NaN) {which} and no GradScaler is "
+                                         "active to skip the step: lower the learning rate, or scale the loss with a "
+                                         "GradScaler")
             for p in optimizer_params(self):
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
@@ -260,25 +330,40 @@ class SAM(_SharpnessAware):
     2021), the norm over all of θ; θ + ε is taken in place and θ restored from a copy.
 
     Args:
-        params: θ — e.g. the trainable parameters of a LoRA model (A, B, a head) or of a full model.
+        params: θ — e.g. the trainable parameters of a LoRA model (A, B, a head) or of a full model:
+            tensors, or (name, tensor) pairs as ``model.named_parameters()`` gives them.
         base_optimizer: an optimizer class, built on ``params`` with ``**kwargs`` (``SAM(params,
             torch.optim.AdamW, lr=5e-4)``), or an optimizer instance that updates exactly ``params``.
         rho: ρ ≥ 0 (Foret et al.'s default 0.05; Li et al. 2025 found 0.003 best for the LoRA factors).
         adaptive: ASAM instead of SAM. eta: η of ASAM's T = |θ| + η.
         gradient: under several processes, ε from each rank's own gradient (``"local"``) or from their
             mean (``"global"``): see the module docstring.
+        adaptive_scope: ASAM's T = |θ| + η on every tensor (``"all"``) or on the parameters whose name
+            contains ``weight`` only, T = 1 on the others (``"weights"``, SamsungLabs/ASAM's rule: it
+            needs named ``params``). See the module docstring for why ``"all"`` is the default.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], base_optimizer: BaseOptimizer, rho: float = 0.05,
-                 adaptive: bool = False, eta: float = 0.01, gradient: str = "local", **kwargs):
-        super().__init__(params, base_optimizer, rho, adaptive, eta, gradient, **kwargs)
+    def __init__(self, params: Iterable[torch.Tensor | tuple[str, torch.Tensor]], base_optimizer: BaseOptimizer,
+                 rho: float = 0.05, adaptive: bool = False, eta: float = SAMOptions.eta,
+                 gradient: str = SAMOptions.gradient, adaptive_scope: str = SAMOptions.adaptive_scope, **kwargs):
+        items = list(params)
+        named = bool(items) and all(isinstance(x, tuple) for x in items)
+        tensors = [p for _, p in items] if named else items
+        if adaptive and adaptive_scope == "weights" and not named:
+            raise ValueError("adaptive_scope='weights' tells weights from other tensors by name ('weight' in it, as "
+                             "SamsungLabs/ASAM does): pass params as model.named_parameters() or (name, tensor) pairs")
+        super().__init__(tensors, base_optimizer, rho, adaptive, eta, gradient, adaptive_scope, **kwargs)
+        # the tensors ASAM leaves at T = 1
+        self._unscaled = ({id(p) for n, p in items if "weight" not in n}
+                          if adaptive and adaptive_scope == "weights" else set())
 
     def _gradients(self):
         params = [p for p in optimizer_params(self) if p.grad is not None]
         if not params:
             raise RuntimeError("no parameter has a gradient: call loss.backward() before first_step "
                                "(the closure given to step must call backward)")
-        return params, [p.grad for p in params], (params if self.adaptive else None)
+        points = [None if id(p) in self._unscaled else p for p in params] if self.adaptive else None
+        return params, [p.grad for p in params], points
 
     def _ascend(self, params, eps):
         for p, e in zip(params, eps):
@@ -307,19 +392,20 @@ class MergedSAM(_SharpnessAware):
         base_optimizer: an optimizer class, built on the model's trainable parameters with ``**kwargs``,
             or an optimizer instance (it defines what is trained).
         rho: ρ ≥ 0 (Li et al. 2025: 0.05 best for SAM on W on T5/GLUE). adaptive, eta, gradient: as
-            :class:`SAM`.
+            :class:`SAM`. adaptive_scope: accepted for symmetry with :class:`SAM`; every tensor of the
+            merged space is a weight matrix W', so both scopes give the same ε.
 
     Attributes:
         epsilon: ε_W per layer name (m×n, out × in) between ``first_step`` and ``restore``, else None.
     """
 
     def __init__(self, model: nn.Module, base_optimizer: BaseOptimizer, rho: float = 0.05, adaptive: bool = False,
-                 eta: float = 0.01, gradient: str = "local", **kwargs):
-        _check_settings(rho, eta, gradient)
+                 eta: float = SAMOptions.eta, gradient: str = SAMOptions.gradient,
+                 adaptive_scope: str = SAMOptions.adaptive_scope, **kwargs):
         self.layers = _merged_space(model)
         params = (optimizer_params(base_optimizer) if isinstance(base_optimizer, torch.optim.Optimizer)
                   else [p for p in model.parameters() if p.requires_grad])
-        super().__init__(params, base_optimizer, rho, adaptive, eta, gradient, **kwargs)
+        super().__init__(params, base_optimizer, rho, adaptive, eta, gradient, adaptive_scope, **kwargs)
         self._probes: Optional[dict[str, torch.Tensor]] = None
         self.epsilon: Optional[dict[str, torch.Tensor]] = None
 
@@ -362,7 +448,7 @@ class MergedSAM(_SharpnessAware):
 
 
 # ----------------------------------------------------------------------------- the five methods
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SAMVariant:
     """A SAM-family training method: where ε lives, SAM or ASAM, and its default ρ."""
 
@@ -378,34 +464,41 @@ class SAMVariant:
 # 0.01 did: see tests/test_sam_train.py). No such search exists for ASAM on LoRA: we keep Kwon et al.'s
 # ratio ρ_ASAM = 10 ρ_SAM (their CIFAR setting, 0.5 vs 0.05; 0.5 is the official code's default).
 SAM_VARIANTS: dict[str, SAMVariant] = {
-    "sam": SAMVariant(False, False, 0.05, False, "SAM on every parameter (full fine-tuning; Foret et al., 2021)"),
-    "sam-lora": SAMVariant(False, False, 0.003, True, "SAM on the trainable parameters: A, B and the head"),
-    "asam-lora": SAMVariant(False, True, 0.03, True, "ASAM (Kwon et al., 2021) on A, B and the head"),
-    "sam-full": SAMVariant(True, False, 0.05, True, "SAM on the merged weights W' = W + sBA (Li et al., 2025)"),
-    "asam-full": SAMVariant(True, True, 0.5, True, "ASAM on the merged weights W' = W + sBA"),
+    "sam": SAMVariant(merged=False, adaptive=False, rho=0.05, uses_lora=False,
+                      description="SAM on every parameter (full fine-tuning; Foret et al., 2021)"),
+    "sam-lora": SAMVariant(merged=False, adaptive=False, rho=0.003, uses_lora=True,
+                           description="SAM on the trainable parameters: A, B and the head"),
+    "asam-lora": SAMVariant(merged=False, adaptive=True, rho=0.03, uses_lora=True,
+                            description="ASAM (Kwon et al., 2021) on A, B and the head"),
+    "sam-full": SAMVariant(merged=True, adaptive=False, rho=0.05, uses_lora=True,
+                           description="SAM on the merged weights W' = W + sBA (Li et al., 2025)"),
+    "asam-full": SAMVariant(merged=True, adaptive=True, rho=0.5, uses_lora=True,
+                            description="ASAM on the merged weights W' = W + sBA"),
 }
 
 
-def resolve_sam(method: str, model: nn.Module, rho: Optional[float] = None, eta: float = 0.01,
-                gradient: str = "local") -> tuple[SAMVariant, float]:
-    """Check a SAM-family method's settings before any work; return its variant and ρ (the default if None).
+def resolve_sam(method: str, model: nn.Module, options: SAMOptions = SAMOptions()) -> tuple[SAMVariant, float]:
+    """Check a SAM-family method against its model before any work (``options`` check themselves);
+    return its variant and ρ (the method's default where ``options.rho`` is None).
 
-    Raises ValueError (unknown method, ρ or η negative, ``gradient`` not in :data:`SAM_GRADIENTS`)
-    or UnsupportedAdapterError (a merged-space method on a model without LoRA layers)."""
+    Raises ValueError (unknown method) or UnsupportedAdapterError (a merged-space method on a model
+    without LoRA layers)."""
     if method not in SAM_VARIANTS:
         raise ValueError(f"unknown SAM method {method!r}; choose one of {sorted(SAM_VARIANTS)}")
     v = SAM_VARIANTS[method]
-    rho = v.rho if rho is None else rho
-    _check_settings(rho, eta, gradient)
     if v.merged:
         _merged_space(model)
-    return v, rho
+    return v, v.rho if options.rho is None else options.rho
 
 
-def build_sam(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, rho: Optional[float] = None,
-              eta: float = 0.01, gradient: str = "local") -> _SharpnessAware:
-    """The SAM object of a SAM-family method around an existing optimizer (ρ = the method's default if None)."""
-    v, rho = resolve_sam(method, model, rho, eta, gradient)
+def build_sam(method: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+              options: SAMOptions = SAMOptions()) -> _SharpnessAware:
+    """The SAM object of a SAM-family method around an existing optimizer (ρ = the method's default
+    where ``options.rho`` is None). The parameters go to :class:`SAM` with their names in ``model``."""
+    v, rho = resolve_sam(method, model, options)
+    settings = dict(rho=rho, adaptive=v.adaptive, eta=options.eta, gradient=options.gradient,
+                    adaptive_scope=options.adaptive_scope)
     if v.merged:
-        return MergedSAM(model, optimizer, rho=rho, adaptive=v.adaptive, eta=eta, gradient=gradient)
-    return SAM(optimizer_params(optimizer), optimizer, rho=rho, adaptive=v.adaptive, eta=eta, gradient=gradient)
+        return MergedSAM(model, optimizer, **settings)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return SAM([(names[id(p)], p) for p in optimizer_params(optimizer)], optimizer, **settings)

@@ -14,8 +14,8 @@ from typing import Optional
 
 from transformers import Trainer
 
-from .flat_lora import FlatLoRA
-from .sam import build_sam, resolve_sam, running_stats_frozen
+from .flat_lora import FlatLoRA, FlatLoRAOptions
+from .sam import SAMOptions, build_sam, resolve_sam, running_stats_frozen
 
 __all__ = ["FlatLoRATrainer", "SAMTrainer"]
 
@@ -25,12 +25,14 @@ class FlatLoRATrainer(Trainer):
 
     Args (besides the Trainer's): ``flat_lora_sigma`` (σ, default 0.05), ``flat_lora_schedule``
     (``cosine``/``linear``/``constant``), ``flat_lora_seed`` (default ``args.seed``),
-    ``flat_lora_mode`` (``exact``/``inplace``), ``flat_lora_shared_noise`` (same ε on every rank).
+    ``flat_lora_mode`` (``exact``/``inplace``), ``flat_lora_shared_noise`` (same ε on every rank);
+    the defaults are :class:`flatlora.FlatLoRAOptions`'.
     """
 
-    def __init__(self, *args, flat_lora_sigma: float = 0.05, flat_lora_schedule: str = "cosine",
-                 flat_lora_seed: Optional[int] = None, flat_lora_mode: str = "exact",
-                 flat_lora_shared_noise: bool = False, **kwargs):
+    def __init__(self, *args, flat_lora_sigma: float = FlatLoRAOptions.sigma,
+                 flat_lora_schedule: str = FlatLoRAOptions.schedule, flat_lora_seed: Optional[int] = None,
+                 flat_lora_mode: str = FlatLoRAOptions.mode,
+                 flat_lora_shared_noise: bool = FlatLoRAOptions.shared_noise, **kwargs):
         super().__init__(*args, **kwargs)
         self.flat_lora = FlatLoRA(
             self.model, sigma=flat_lora_sigma, total_steps=None, schedule=flat_lora_schedule,
@@ -50,7 +52,8 @@ class SAMTrainer(Trainer):
     Args (besides the Trainer's): ``sam_method`` — ``sam-lora`` (default), ``asam-lora``,
     ``sam-full``, ``asam-full`` or ``sam`` (a model without LoRA); ``sam_rho`` (default: the method's,
     see :data:`flatlora.SAM_VARIANTS`); ``sam_eta`` (ASAM's η); ``sam_gradient`` (``local``/``global``:
-    what ε comes from under several processes, below).
+    what ε comes from under several processes, below); ``sam_adaptive_scope`` (``all``/``weights``:
+    which tensors ASAM scales, see :mod:`flatlora.sam`). The defaults are :class:`flatlora.SAMOptions`'.
 
     Gradient accumulation: the Trainer calls ``training_step`` once per micro-batch and steps the
     optimizer after the last one, but ε must come from the gradient of the whole step. So every
@@ -69,19 +72,21 @@ class SAMTrainer(Trainer):
     the second pass DDP averages the gradients once, in the backward of the step's last micro-batch.
     """
 
-    def __init__(self, *args, sam_method: str = "sam-lora", sam_rho: Optional[float] = None, sam_eta: float = 0.01,
-                 sam_gradient: str = "local", **kwargs):
+    def __init__(self, *args, sam_method: str = "sam-lora", sam_rho: Optional[float] = SAMOptions.rho,
+                 sam_eta: float = SAMOptions.eta, sam_gradient: str = SAMOptions.gradient,
+                 sam_adaptive_scope: str = SAMOptions.adaptive_scope, **kwargs):
         super().__init__(*args, **kwargs)
         # errors before any training
-        _, self.sam_rho = resolve_sam(sam_method, self.model, sam_rho, sam_eta, sam_gradient)
-        self.sam_method, self.sam_eta, self.sam_gradient = sam_method, sam_eta, sam_gradient
+        self.sam_options = SAMOptions(rho=sam_rho, eta=sam_eta, gradient=sam_gradient,
+                                      adaptive_scope=sam_adaptive_scope)
+        resolve_sam(sam_method, self.model, self.sam_options)
+        self.sam_method = sam_method
         self.sam = None
         self._micro_batches: list = []
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        self.sam = build_sam(self.sam_method, self.model, optimizer, rho=self.sam_rho, eta=self.sam_eta,
-                             gradient=self.sam_gradient)
+        self.sam = build_sam(self.sam_method, self.model, optimizer, self.sam_options)
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -39,6 +39,7 @@ def worker(a: argparse.Namespace) -> None:
     from flatlora import TrainConfig, distributed, get_task, prepare_model
     from landscape import Loss, loss_plane
 
+    distributed.ensure_initialized()  # the worker runs under torchrun: join the process group
     task = get_task(a.model)
     model = prepare_model(task, TrainConfig(task=a.model, method="lora").resolved(task)).eval()
     loss = Loss(task.batches("test", a.batch_size, limit=a.examples))

@@ -38,12 +38,11 @@ METHODS = ("lora", "flat-lora", "sam-lora", "sam-full")
 def build_runners(task, total_steps: int) -> dict:
     runners = {}
     for method in METHODS:
-        cfg = TrainConfig(task="rt-minilm", method=method, seed=0, schedule="constant").resolved(task)
+        cfg = TrainConfig(task="rt-minilm", method=method, seed=0, schedule="constant", steps=total_steps,
+                          mode="exact").resolved(task)
         model = prepare_model(task, cfg).train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
-        options = {"sigma": cfg.sigma, "schedule": cfg.schedule, "total_steps": total_steps, "seed": 0,
-                   "mode": "exact", "rho": None}
-        runners[method] = get_method(method).build(model, opt, options, loss_fn=task.loss)
+        runners[method] = get_method(method).build(model, opt, cfg.method_options(), loss_fn=task.loss)
     return runners
 
 

@@ -18,6 +18,7 @@ Nothing is downloaded: models and data come from installed packages or the user'
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -56,28 +57,40 @@ class Task:
 
     ``splits`` maps ``train`` / ``validation`` / ``test`` to lists of examples; ``collate`` turns a
     list of examples into a batch (a Hugging Face dict or an ``(inputs, targets)`` tuple).
+    ``peft_task_type`` is the name of a peft ``TaskType`` (``"SEQ_CLS"``: peft also trains the
+    classifier head; ``"SEQ_2_SEQ_LM"``; ``None`` for a plain module), so that a task of one's own
+    needs nothing here but its builder (:func:`register_task`).
     """
 
     name: str
-    kind: str  # "classification" or "seq2seq"
+    kind: str  # "classification" or "seq2seq": how it is evaluated
     splits: dict[str, list]
     collate: Callable[[list], Any]
     build_model: Callable[[], nn.Module]
     lora_targets: Optional[list[str]]
     modules_to_save: Optional[list[str]]
-    num_labels: int
+    peft_task_type: Optional[str]
     label_names: list[str]
     defaults: dict = field(default_factory=dict)
     generate: Optional[Callable] = None  # seq2seq: (model, prompts) -> texts
     texts: dict[str, list[str]] = field(default_factory=dict)  # raw texts per split, for error analysis
     encode: Optional[Callable[[Sequence[str], Sequence[int]], list]] = None  # text tasks: (texts, label ids) -> examples
 
+    @property
+    def num_labels(self) -> int:
+        """The number of classes (0 for a seq2seq task)."""
+        return len(self.label_names)
+
     def lora_config(self, rank: int = 8, alpha: float = 16, dropout: float = 0.05):
+        """peft's ``LoraConfig`` for this task: its target modules, modules to save and task type."""
         from peft import LoraConfig, TaskType
 
-        task_type = TaskType.SEQ_2_SEQ_LM if self.kind == "seq2seq" else None
-        if self.name in ("rt-minilm", "r8-minilm", "custom"):
-            task_type = TaskType.SEQ_CLS
+        task_type = None
+        if self.peft_task_type is not None:
+            if self.peft_task_type not in TaskType.__members__:
+                raise TaskError(f"task {self.name!r}: peft_task_type {self.peft_task_type!r} is not a peft TaskType; "
+                                f"use one of {sorted(TaskType.__members__)} or None")
+            task_type = TaskType[self.peft_task_type]
         return LoraConfig(
             r=rank,
             lora_alpha=alpha,
@@ -150,15 +163,22 @@ TASKS: dict[str, Callable[..., Task]] = {}
 
 
 def register_task(name: str, build: Callable[..., Task]) -> Callable[..., Task]:
-    """Add a task builder to the registry (also for users' own tasks)."""
+    """Add a task builder to the registry (also for users' own tasks): ``build(**options)`` returns
+    the :class:`Task`, and its parameters are the options :func:`get_task` accepts for it."""
     TASKS[name] = build
     return build
 
 
-def get_task(name: str, **kwargs) -> Task:
-    """Build a task by name (see the module docstring); ``custom`` takes model_dir, train_csv, test_csv."""
+def get_task(name: str, **options) -> Task:
+    """Build a task by name (see the module docstring), passing ``options`` to its builder (``custom``
+    takes model_dir, train_csv, test_csv…); the options a task takes are its builder's parameters."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    if kwargs and name != "custom":
-        raise TaskError(f"task {name!r} takes no options (got {sorted(kwargs)}); only 'custom' does")
-    return TASKS[name](**kwargs)
+    build = TASKS[name]
+    signature = inspect.signature(build)
+    try:
+        signature.bind(**options)
+    except TypeError as e:
+        accepted = sorted(signature.parameters) or "no options"
+        raise TaskError(f"task {name!r} takes {accepted}, got {sorted(options)} ({e})") from None
+    return build(**options)

@@ -53,7 +53,7 @@ def _digits_mlp() -> Task:
 
     return Task(
         name="digits-mlp", kind="classification", splits=splits, collate=collate, build_model=build_model,
-        lora_targets=["fc1", "fc2", "head"], modules_to_save=None, num_labels=10,
+        lora_targets=["fc1", "fc2", "head"], modules_to_save=None, peft_task_type=None,
         label_names=[str(i) for i in range(10)],
         defaults={"lr": 1e-2, "batch_size": 64, "sigma": 0.05, "steps": 150, "rank": 4, "alpha": 8},
     )

