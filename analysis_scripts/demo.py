@@ -8,12 +8,12 @@ Finished runs and probes under --out are reused, so a second `make demo` only pr
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pandas as pd
 
+from flatlora.cli import ArgumentParser
 from flatlora import TrainConfig, distributed, run
 from flatlora.io import atomic_write_text
 from landscape.plot import save_figure
@@ -39,10 +39,11 @@ def train_or_reuse(method: str, steps: int, out: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--out", default="runs/demo")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
+    p.add_argument("--out", default="runs/demo", help="folder for the runs, the table and the figure")
     a = p.parse_args()
+    distributed.ensure_initialized()  # under torchrun: join the process group
     out = Path(a.out)
     metrics = {m: train_or_reuse(m, a.steps, out / m) for m in METHODS}
     if distributed.is_main():

@@ -18,36 +18,38 @@ probe's work and the robustness runs across the N processes; rank 0 writes the s
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from flatlora.cli import ArgumentParser
+from flatlora import distributed
 from landscape.study.pipeline import DEFAULT_METHODS, STAGES, run_study
 from landscape.study.suite import ProbeSettings
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/study")
-    p.add_argument("--figures", default="figures/study")
-    p.add_argument("--tasks", nargs="+", default=["rt-minilm", "r8-minilm"])
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="runs/study", help="folder for the trained runs and resumable parts (not committed)")
+    p.add_argument("--figures", default="figures/study", help="folder for the figures")
+    p.add_argument("--tasks", nargs="+", default=["rt-minilm", "r8-minilm"], help="tasks to study")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="training methods to compare")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per method (a seed pairs data order and init)")
     p.add_argument("--steps", nargs="+", default=["rt-minilm=150", "r8-minilm=100"],
                    help="TASK=STEPS per task (tasks not named use their default)")
-    p.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order")
     p.add_argument("--results", default="results/study", help="tables and the report (committed)")
     # the probe suite's settings (analysis_scripts/probe.py), cheaper by default: on 2 CPU cores one
     # MiniLM forward of 32 sentences takes about 0.5 s, and the study probes 30 runs (λ₁ to 1 %)
     ProbeSettings.add_arguments(p, spaces=["lora", "merged"], examples=32, sigmas=[0.05, 0.1], noise_samples=8,
                                 directions=2, alphas=7, eig_tol=1e-2)
-    p.add_argument("--robust-examples", type=int, default=150)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--robust-examples", type=int, default=150, help="test examples in the robustness stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    distributed.ensure_initialized()  # under torchrun: join the process group
     steps = {t: None for t in a.tasks}
     for item in a.steps:
         name, _, value = item.partition("=")

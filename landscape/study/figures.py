@@ -12,7 +12,7 @@ flatness-mismatch study). Each function returns a matplotlib figure (headless); 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,9 +33,12 @@ METHOD_ORDER = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full", "asam-lo
 SPACE_ORDER = ("lora", "merged", "tangent", "normal", "all")
 
 
-def fig_lines(curves: pd.DataFrame, *, spaces: Sequence[str] = ("merged", "lora"),
-              methods: Sequence[str] = ("lora", "flat-lora"), task: str = "") -> Figure:
-    sel = curves[curves["method"].isin(methods)]
+def fig_lines(curves: pd.DataFrame, *, spaces: Optional[Sequence[str]] = None,
+              methods: Optional[Sequence[str]] = None, task: str = "") -> Figure:
+    """Loss lines per space (one panel each; default: every space present), one curve per method
+    (default: every method present), mean ± std over directions and seeds."""
+    spaces = _present(curves["space"], SPACE_ORDER) if spaces is None else spaces
+    sel = curves if methods is None else curves[curves["method"].isin(methods)]
     fig, axes = new_figure(4.2, 3.4, panels=len(spaces))
     for ax, sp in zip(axes, spaces):
         part = sel[sel["space"] == sp].copy()

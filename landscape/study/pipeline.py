@@ -17,10 +17,12 @@ import hashlib
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pandas as pd
+from torch import nn
 
 from flatlora import TrainConfig, distributed, get_task, load_run, run
 from flatlora.io import atomic_write_json, atomic_write_text, read_json
@@ -37,7 +39,7 @@ from .report import accuracy_section, collect_metrics, markdown_table, robustnes
 from .robustness import corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["probe_runs", "run_fingerprint", "manifest", "task_figures", "run_study", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -66,36 +68,43 @@ def _relative(path: Path, to: Path) -> str:
     return Path(os.path.relpath(path.resolve(), to.resolve())).as_posix()
 
 
-def probe_runs(runs: Sequence[str | os.PathLike], out: Path, settings: ProbeSettings, split: str, examples: int,
-               batch_size: int, progress: bool = False, parts: Optional[Path] = None
-               ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Probe each run, resuming from ``parts`` (default ``OUT.parts/``), then write ``out`` (measures)
-    and ``OUT-curves.csv`` atomically; return both frames. Rows are tagged with the task, method,
-    seed and the run's path relative to ``out``'s folder.
+@dataclass
+class ProbeTarget:
+    """One model to probe: its folder (naming its part and its rows), the content hashes of what it
+    is made of, and how to load it: ``load() -> (model, loss, tags, lora_targets)``."""
 
-    A part is reused only when the run's files and every setting (the suite's, the split, the
-    number of examples, the batch size) are those it was made with; otherwise the run is probed
-    again and its part replaced."""
+    path: Path
+    files: dict
+    load: Callable[[], tuple[nn.Module, Loss, dict, Optional[Sequence[str]]]]
+
+
+def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSettings, data: dict,
+                  progress: bool = False, parts: Optional[Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe each target, resuming from ``parts`` (default ``OUT.parts/``), then write ``out``
+    (measures) and ``OUT-curves.csv`` atomically; return both frames. Rows carry the target's tags
+    and its path relative to ``out``'s folder (``run``).
+
+    A target's part is keyed by its resolved path and reused only when its files, every suite
+    setting and ``data`` (what the loss is made of: split or file, examples, batch size) are those
+    it was made with; otherwise it is probed again and its part replaced."""
     out = Path(out)
     parts = PartFiles(parts or out.with_name(out.name + ".parts"), names=("measures", "curves"))
     measures, curves = [], []
-    for run_path in map(Path, runs):
-        fingerprint = {"run": str(run_path.resolve()), "files": run_fingerprint(run_path),
-                       "settings": settings.as_dict(), "split": split, "examples": examples, "batch_size": batch_size}
+    for target in targets:
+        fingerprint = {"path": str(target.path.resolve()), "files": target.files, "settings": settings.as_dict(),
+                       **data}
 
-        def compute(run_path=run_path) -> dict[str, pd.DataFrame]:
-            model, task, cfg = load_run(run_path)
-            loss = Loss(task.batches(split, batch_size, limit=examples))
+        def compute(target=target) -> dict[str, pd.DataFrame]:
+            model, loss, tags, lora_targets = target.load()
             ranks = distributed.world_size()
-            say(f"[probe] {run_path} ({cfg['method']}, seed {cfg['seed']}) on {loss.total} {split} examples"
-                f"{f' on {ranks} processes' if ranks > 1 else ''}")
-            m, c = probe_model(model, loss, settings, lora_targets=task.lora_targets,
+            say(f"[probe] {target.path} ({', '.join(f'{k} {v}' for k, v in tags.items())}) on {loss.total} "
+                f"examples{f' on {ranks} processes' if ranks > 1 else ''}")
+            m, c = probe_model(model, loss, settings, lora_targets=lora_targets,
                                progress=progress and distributed.is_main())
-            tags = {"task": cfg["task"], "method": cfg["method"], "seed": cfg["seed"]}
             return {"measures": m.assign(**tags), "curves": c.assign(**tags)}
 
-        tables = parts.get(_part_key(run_path), fingerprint, compute)
-        rel = _relative(run_path, out.parent)
+        tables = parts.get(_part_key(target.path), fingerprint, compute)
+        rel = _relative(target.path, out.parent)
         measures.append(tables["measures"].assign(run=rel))
         curves.append(tables["curves"].assign(run=rel))
     m_all, c_all = pd.concat(measures, ignore_index=True), pd.concat(curves, ignore_index=True)
@@ -104,6 +113,57 @@ def probe_runs(runs: Sequence[str | os.PathLike], out: Path, settings: ProbeSett
         atomic_write_text(out.with_name(out.stem + "-curves.csv"), c_all.to_csv(index=False))
     distributed.barrier()
     return m_all, c_all
+
+
+def probe_runs(runs: Sequence[str | os.PathLike], out: Path, settings: ProbeSettings, split: str, examples: int,
+               batch_size: int, progress: bool = False, parts: Optional[Path] = None
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`probe_targets` on run folders written by :func:`flatlora.run`, each on the first
+    ``examples`` examples of its task's ``split`` (the same batches for every run of a task);
+    rows tagged with task, method and seed."""
+    def target(run_path: Path) -> ProbeTarget:
+        def load():
+            model, task, cfg = load_run(run_path)
+            loss = Loss(task.batches(split, batch_size, limit=examples))
+            return model, loss, {"task": cfg["task"], "method": cfg["method"], "seed": cfg["seed"]}, task.lora_targets
+
+        return ProbeTarget(run_path, run_fingerprint(run_path), load)
+
+    return probe_targets([target(Path(r)) for r in runs], out, settings,
+                         {"split": split, "examples": examples, "batch_size": batch_size}, progress, parts)
+
+
+def probe_adapters(base_model: str | os.PathLike, adapters: Sequence[str | os.PathLike], data: str | os.PathLike,
+                   out: Path, settings: ProbeSettings, *, text_column: str = "text", label_column: str = "label",
+                   examples: int = 64, batch_size: int = 32, max_length: int = 128, progress: bool = False,
+                   parts: Optional[Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`probe_targets` on peft LoRA adapters saved anywhere (``save_pretrained`` folders), each
+    loaded on the local Hugging Face model folder ``base_model`` (:func:`flatlora.adapters.load_adapter`,
+    which refuses an adapter that does not fit it), all on the same batches: the first ``examples``
+    rows of the CSV or JSON-lines file ``data``. Labels are the adapter's class ids, or names listed
+    in a ``labels.json`` beside the adapter (as train.py writes). Rows are tagged task = the data
+    file's name, method = the adapter folder's name."""
+    from flatlora.adapters import adapter_labels, load_adapter
+    from flatlora.tasks.text import file_task
+
+    adapters = [Path(a) for a in adapters]
+    labels = {str(a): adapter_labels(a) for a in adapters}
+    if len({tuple(v) if v else None for v in labels.values()}) > 1:
+        raise ValueError(f"the adapters name different labels ({labels}); probe them separately")
+    task = file_task(base_model, data, text_column=text_column, label_column=label_column,
+                     label_names=labels[str(adapters[0])], max_length=max_length)
+    loss = Loss(task.batches("data", batch_size, limit=examples))
+    base_files = file_digest(base_model)
+
+    def target(adapter: Path) -> ProbeTarget:
+        def load():
+            return load_adapter(base_model, adapter), loss, {"task": Path(data).stem, "method": adapter.name}, None
+
+        return ProbeTarget(adapter, {"adapter": file_digest(adapter), "base": base_files}, load)
+
+    return probe_targets([target(a) for a in adapters], out, settings,
+                         {"data": file_digest(data), "columns": [text_column, label_column], "examples": examples,
+                          "batch_size": batch_size, "max_length": max_length}, progress, parts)
 
 
 def manifest(settings: ProbeSettings, runs, out: Path, split: str, examples: int, batch_size: int) -> dict:
@@ -119,28 +179,92 @@ def manifest(settings: ProbeSettings, runs, out: Path, split: str, examples: int
             "world_size": distributed.world_size(), "command": " ".join(sys.argv)}
 
 
+FIGURE_TABLES = ("metrics", "probes", "curves", "planes", "robustness")
+
+
+def draw_figures(tables: dict[str, Optional[pd.DataFrame]], figures: Path, task: str
+                 ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every figure that ``tables`` (any of :data:`FIGURE_TABLES`: None or absent for a missing one)
+    allow, saved as ``figures/TASK-NAME.{png,pdf}``. Returns (paths made, [(figure, why it was
+    skipped)]), so a caller can say what it could not draw."""
+    t = {name: tables.get(name) for name in FIGURE_TABLES}
+    has = lambda name, col=None, value=None: t[name] is not None and len(t[name]) > 0 and (  # noqa: E731
+        col is None or (t[name][col] == value).any())
+    made, skipped = [], []
+
+    def draw(name: str, ok: bool, why: str, make) -> None:
+        if not ok:
+            skipped.append((f"{task}-{name}", why))
+            return
+        made.extend(save_figure(make(), figures / f"{task}-{name}"))
+
+    draw("lines", has("curves"), "no loss-line curves (the probe's OUT-curves.csv)",
+         lambda: fig_lines(t["curves"], task=task))
+    if has("planes"):
+        for method in t["planes"]["method"].unique():
+            made.extend(save_figure(fig_planes(t["planes"], methods=(method,), task=task)[0],
+                                    figures / f"{task}-plane-{method}"))
+    else:
+        skipped.append((f"{task}-plane-*", "no loss planes (planes.csv, written by the study's probe stage)"))
+    draw("expected-loss", has("probes", "measure", "expected_loss"), "no expected_loss rows in the probes",
+         lambda: fig_expected_loss(t["probes"], task=task))
+    draw("eigenvalues", has("probes", "measure", "eigenvalue"), "no eigenvalue rows in the probes",
+         lambda: fig_eigenvalues(t["probes"], task=task))
+    draw("sharpness-vs-accuracy", has("probes", "measure", "eigenvalue") and has("metrics"),
+         "no accuracies (give --metrics, or probe run folders that hold metrics.json)",
+         lambda: fig_sharpness_vs_accuracy(t["probes"], t["metrics"], task=task))
+    draw("robustness", has("robustness"), "no robustness table (robustness.csv, from the study's robust stage)",
+         lambda: fig_robustness(t["robustness"], task=task))
+    return made, skipped
+
+
 def task_figures(task_dir: Path, figures: Path) -> list[Path]:
-    """Every figure the tables in ``task_dir`` (metrics, probes, probes-curves, planes, robustness
-    CSVs) allow, as PNG and PDF under ``figures``; returns their paths."""
-    task = task_dir.name
+    """Every figure the study's tables in ``task_dir`` (metrics, probes, probes-curves, planes,
+    robustness CSVs) allow, as PNG and PDF under ``figures``; returns their paths."""
     read = lambda name: pd.read_csv(task_dir / name) if (task_dir / name).exists() else None  # noqa: E731
-    metrics, probes, curves = read("metrics.csv"), read("probes.csv"), read("probes-curves.csv")
-    planes, robust = read("planes.csv"), read("robustness.csv")
-    made = []
-    if curves is not None:
-        made += save_figure(fig_lines(curves, task=task), figures / f"{task}-lines")
-    if planes is not None:
-        for fig, method in zip(fig_planes(planes, task=task), ("lora", "flat-lora")):
-            made += save_figure(fig, figures / f"{task}-plane-{method}")
-    if probes is not None:
-        made += save_figure(fig_expected_loss(probes, task=task), figures / f"{task}-expected-loss")
-        made += save_figure(fig_eigenvalues(probes, task=task), figures / f"{task}-eigenvalues")
-        if metrics is not None:
-            made += save_figure(fig_sharpness_vs_accuracy(probes, metrics, task=task),
-                                figures / f"{task}-sharpness-vs-accuracy")
-    if robust is not None:
-        made += save_figure(fig_robustness(robust, task=task), figures / f"{task}-robustness")
-    return made
+    tables = {"metrics": read("metrics.csv"), "probes": read("probes.csv"), "curves": read("probes-curves.csv"),
+              "planes": read("planes.csv"), "robustness": read("robustness.csv")}
+    return draw_figures(tables, figures, task_dir.name)[0]
+
+
+PROBE_COLUMNS = ("space", "measure", "x", "value")
+
+
+def read_probe_tables(probes: Path, *, curves: Optional[Path] = None, metrics: Optional[Path] = None,
+                      planes: Optional[Path] = None, robustness: Optional[Path] = None) -> dict[str, dict]:
+    """The tables of a probe CSV written by :func:`probe_runs` (its curves from ``PROBES-curves.csv``
+    beside it unless given), split by task: ``{task: {"probes": …, "curves": …, "metrics": …}}``.
+    Accuracies come from ``metrics`` (a CSV with task, method, seed, accuracy) or else from the
+    metrics.json of the probed run folders, when they are there. Raises ValueError naming the
+    file for a table that is missing or not of the expected kind."""
+    probes = Path(probes)
+    curves = Path(curves) if curves else probes.with_name(probes.stem + "-curves.csv")
+    tables = {"probes": _read_csv(probes, PROBE_COLUMNS, "a probe table (written by probe.py --out)")}
+    tables["curves"] = _read_csv(curves, ("alpha", "loss", "space"), "loss-line curves") if curves.exists() else None
+    if metrics:
+        tables["metrics"] = _read_csv(Path(metrics), ("task", "method", "seed", "accuracy"), "a metrics table")
+    elif "run" in tables["probes"].columns:
+        folders = [probes.parent / r for r in tables["probes"]["run"].dropna().unique()]
+        found = collect_metrics([f for f in folders if (f / "metrics.json").exists()])
+        tables["metrics"] = found if len(found) else None
+    for name, path in (("planes", planes), ("robustness", robustness)):
+        tables[name] = _read_csv(Path(path), (), name) if path else None
+    tasks = tables["probes"]["task"].unique() if "task" in tables["probes"].columns else ["probes"]
+    return {str(task): {name: (frame if frame is None or "task" not in frame.columns else frame[frame["task"] == task])
+                        for name, frame in tables.items()} for task in tasks}
+
+
+def _read_csv(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (expected {what})")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a CSV file ({what}): {e}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}: it is not {what}")
+    return frame
 
 
 # ------------------------------------------------------------------------------------ the study

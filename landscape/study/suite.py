@@ -30,12 +30,23 @@ from ..hessian.spectrum import hessian_eigenvalues
 from ..hessian.trace import hessian_trace
 from ..loss import Loss
 from ..noise import expected_loss
-from ..space import Space, space
+from ..space import SPACES, Space, space
 from ..worst_case import worst_case_sharpness
 
-__all__ = ["ProbeSettings", "probe_model", "probe_spaces"]
+__all__ = ["ProbeSettings", "probe_model", "probe_spaces", "positive_int"]
 
 LORA_SPACES = ("lora", "merged", "tangent", "normal")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "integer >= 1"  # what argparse's message calls the type
 
 
 @dataclass
@@ -58,6 +69,25 @@ class ProbeSettings:
     include_trainable: bool = False
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        """Check every setting before any work (a ValueError naming the setting and its range)."""
+        unknown = [sp for sp in self.spaces if sp not in SPACES]
+        if unknown or not self.spaces:
+            raise ValueError(f"spaces {unknown or '(none)'}: choose among {list(SPACES)}")
+        for name in ("eig_k", "noise_max_samples", "noise_min_samples", "num_directions", "alphas"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eig_tol", "span"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("trace_samples", "worst_case_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("sigmas", "rhos"):
+            bad = [v for v in getattr(self, name) if not (np.isfinite(v) and v > 0)]
+            if bad or not getattr(self, name):
+                raise ValueError(f"{name} must be finite and > 0, got {bad or '(none)'}")
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -67,10 +97,13 @@ class ProbeSettings:
         ``defaults`` overrides the standard ones (the study's are cheaper)."""
         d = {"spaces": ["lora", "merged", "tangent", "normal"], "examples": 64, "sigmas": [0.02, 0.05, 0.1],
              "noise_samples": 16, "directions": 3, "alphas": 11, "eig_tol": 1e-3, **defaults}
-        parser.add_argument("--spaces", nargs="+", default=d["spaces"], help="spaces to probe")
-        parser.add_argument("--split", default="validation", help="split whose first --examples examples are probed")
-        parser.add_argument("--examples", type=int, default=d["examples"], help="probe examples (first N of the split)")
-        parser.add_argument("--batch-size", type=int, default=32, help="probe batch size")
+        parser.add_argument("--spaces", nargs="+", default=d["spaces"], choices=SPACES, metavar="SPACE",
+                            help=f"spaces to probe, among {', '.join(SPACES)}")
+        parser.add_argument("--split", default="validation", choices=("train", "validation", "test"),
+                            help="split whose first --examples examples are probed")
+        parser.add_argument("--examples", type=positive_int, default=d["examples"],
+                            help="probe examples (the first N of the split; the same for every run)")
+        parser.add_argument("--batch-size", type=positive_int, default=32, help="probe batch size")
         parser.add_argument("--eig-k", type=int, default=1, help="top Hessian eigenvalues per space")
         parser.add_argument("--eig-tol", type=float, default=d["eig_tol"], help="Lanczos relative residual")
         parser.add_argument("--trace-samples", type=int, default=0, help="Hutch++ products per space (0: skip)")
