@@ -261,9 +261,15 @@ def orthogonalize(space: Space, d1: Mapping[str, torch.Tensor], d2: Mapping[str,
 
 def sample(sampler: Union[Sampler, Mapping[str, torch.Tensor]], space: Space, generator: torch.Generator,
            what: str = "direction") -> Direction:
-    """A direction from a sampler (or a given direction), checked against the space."""
+    """A direction from a sampler (or a given direction), checked against the space: names, shapes,
+    and finite values (a NaN or inf is an error that names the sampler and the tensor)."""
     d = dict(sampler) if isinstance(sampler, Mapping) else sampler(space, generator)
     if not isinstance(d, Mapping):
         raise SpaceError(f"a sampler must return a dict name -> tensor, {sampler!r} returned {type(d).__name__}")
     space.check(d, what)
+    bad = [n for n in space.names if not torch.isfinite(d[n]).all()]
+    if bad:
+        source = "the given direction" if isinstance(sampler, Mapping) else f"the sampler {getattr(sampler, '__name__', sampler)!r}"
+        raise SpaceError(f"{source} returned NaN or inf in {bad[:3]}{' …' if len(bad) > 3 else ''}; "
+                         "a direction must be finite")
     return d
