@@ -12,6 +12,8 @@ never imports.
 * :func:`expected_loss` — ΔL(σ) under Gaussian weight noise, Monte Carlo with a t-interval;
 * :func:`worst_case_sharpness` — max over ‖δ‖ ≤ ρ of L(θ + δ) − L(θ), plain or adaptive;
 * :mod:`landscape.plot` — headless figures (PNG and PDF);
+* :func:`balanced_copy` — a copy of a LoRA model in the balanced gauge (BᵀB = AAᵀ per layer), whose
+  LoRA-space measures do not depend on the factors' scale (:mod:`landscape.gauge`);
 * :func:`preserved` — the guard that leaves the model exactly as it was after every probe.
 * :func:`hessian_eigenvalues`, :func:`hessian_trace`, :func:`hessian_density`, :func:`dense_hessian` —
   the Hessian spectrum in any space, on one :class:`HessianOperator` (a scipy ``LinearOperator``).
@@ -19,6 +21,7 @@ never imports.
 from . import directions
 from .curves import loss_line, loss_plane, summarize, symmetric_grid
 from .guard import ModelChangedError, preserved, snapshot
+from .gauge import balanced_copy
 from .loss import Loss
 from .noise import expected_loss
 from .space import SPACES, Space, SpaceError, orthonormal_basis, space

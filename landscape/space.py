@@ -79,6 +79,13 @@ def orthonormal_basis(columns: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(q[:, :k])).to(device=columns.device, dtype=columns.dtype)
 
 
+def _complement(q: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (m − k columns) of the orthogonal complement of an m×k orthonormal ``q``."""
+    if q.shape[1] == 0:
+        return np.eye(q.shape[0])
+    return np.linalg.qr(q, mode="complete")[0][:, q.shape[1]:]
+
+
 @dataclass
 class _Projector:
     """P_T(X) = P_U X + X P_V − P_U X P_V for one layer; U (m×k), V (n×l) orthonormal."""
@@ -150,6 +157,27 @@ class Space:
                       for n, p in self._projectors.items())
         merged = sum(self.shapes[n].numel() for n in self._views)
         return self.dim - merged + (tangent if self.kind == "tangent" else merged - tangent)
+
+    def basis(self) -> torch.Tensor:
+        """An orthonormal basis Q of the tangent / normal space in the ambient coordinates (the order of
+        :meth:`to_vector`): a dense :attr:`dim` × :attr:`subspace_dim` float64 matrix with Q Qᵀ = P, so
+        that Qᵀ H Q is the Hessian restricted to the subspace (its spectrum without P H P's zeros).
+
+        Per merged weight X (m×n, flattened row by row, where vec(M X Nᵀ) = (M ⊗ N) vec X), with U, V the
+        bases of col(B), row(A) and U_⊥, V_⊥ their orthonormal complements:
+        P_T = I − (I − P_U) ⊗ (I − P_V), tangent basis [U ⊗ I_n, U_⊥ ⊗ V], normal basis U_⊥ ⊗ V_⊥; other
+        coordinates (``include_trainable``) unprojected, the identity. For small spaces: Q is dense."""
+        if self.kind not in _PROJECTED:
+            raise SpaceError(f"basis() is for the tangent and normal spaces; the {self.kind!r} space's basis is "
+                             "the identity (its coordinates themselves)")
+        blocks = []
+        for name, proj in self._projectors.items():
+            u, v = (t.detach().to("cpu", torch.float64).numpy() for t in (proj.u, proj.v))
+            u_perp, v_perp = _complement(u), _complement(v)
+            blocks.append(np.hstack([np.kron(u, np.eye(v.shape[0])), np.kron(u_perp, v)]) if self.kind == "tangent"
+                          else np.kron(u_perp, v_perp))
+        blocks += [np.eye(self.shapes[n].numel()) for n in self._params]
+        return torch.from_numpy(scipy.linalg.block_diag(*blocks))
 
     def point(self) -> Direction:
         """The current coordinates θ, detached (parameters are shared with the model, not copied:

@@ -1,0 +1,174 @@
+"""The exact-spectrum study (landscape.study.exact) and what it rests on: orthonormal bases of the
+tangent / normal spaces, restricted spectra equal to the library's dense tangent Hessian, the tidy
+table, resumable parts, the statistics and the script. The study runs on a smaller digits model
+(hidden 6, LoRA r = 2) so that its dense Hessians take seconds."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import run_script
+from landscape import Loss, SpaceError, dense_hessian, space
+from landscape.study import exact
+from landscape.study.exact import Setting
+
+SCRIPT = "analysis_scripts/exact_study.py"
+SEEDS = (0, 1, 2)
+TINY_SETTINGS = [Setting("lora"), Setting("sam-lora", rho=0.01), Setting("full-ft")]
+
+
+def _data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 12, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g))]
+
+
+@pytest.mark.parametrize("kind", ["tangent", "normal"])
+def test_space_basis_spans_the_projection(linear_lora, kind):
+    sp = space(linear_lora.double(), kind)
+    q = sp.basis()
+    v = torch.randn(sp.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert q.shape == (sp.dim, sp.subspace_dim)
+    torch.testing.assert_close(q.t() @ q, torch.eye(sp.subspace_dim, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q @ (q.t() @ v), sp.to_vector(sp.project(sp.from_vector(v))), rtol=0, atol=1e-12)
+
+
+def test_space_basis_of_an_unprojected_space_raises(linear_lora):
+    with pytest.raises(SpaceError, match="basis\\(\\) is for the tangent and normal spaces"):
+        space(linear_lora, "merged").basis()
+
+
+def test_restricted_tangent_spectrum_is_the_dense_tangent_hessians_without_its_zeros(linear_lora):
+    """Q_Tᵀ H Q_T has the eigenvalues of the library's P H P (dense_hessian in 'tangent') less dim − d zeros."""
+    model, loss = linear_lora.double(), Loss(_data())
+    spectra, _ = exact.exact_spectra(model, loss)
+    h = dense_hessian(model, loss, "tangent", progress=False).numpy()
+    padded = np.sort(np.concatenate([spectra["tangent"], np.zeros(len(h) - len(spectra["tangent"]))]))
+    np.testing.assert_allclose(padded, np.linalg.eigvalsh((h + h.T) / 2), rtol=0, atol=1e-10)
+
+
+def test_settings_are_the_issues_grid_with_unique_names():
+    names = [s.name for s in exact.SETTINGS]
+    assert len(names) == len(set(names)) == 15  # lora, 3 σ × 2 schedules, 4 ρ sam-lora, 3 ρ sam-full, full-ft
+    assert "flat-lora-sigma0.1-constant" in names and "sam-full-rho0.05" in names
+
+
+def test_select_settings_names_an_unknown_method():
+    with pytest.raises(exact.ExactStudyError, match=r"unknown method\(s\) \['asam'\]"):
+        exact.select_settings(["lora", "asam"])
+
+
+# ------------------------------------------------------------------------ the study, on a small model
+def _tiny_mlp():
+    from flatlora.tasks.digits import MLP
+
+    model = MLP(hidden=6)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Train, spectra and report of lora, sam-lora (ρ 0.01) and full-ft, 3 seeds, 20 steps, on digits
+    with a hidden width of 6, LoRA r = 2 (LoRA space 196, merged 480 coordinates) and 128 train examples."""
+    from flatlora import TASKS
+
+    original = TASKS["digits-mlp"]
+
+    def build():
+        task = original()
+        task.build_model = _tiny_mlp
+        task.defaults = {**task.defaults, "rank": 2, "alpha": 4}
+        task.splits = {**task.splits, "train": task.splits["train"][:128]}  # the Hessians' loss: 128 examples
+        return task
+
+    root = tmp_path_factory.mktemp("exact")
+    with pytest.MonkeyPatch.context() as mp:  # for the module's tests: they read and resume the study
+        mp.setitem(TASKS, "digits-mlp", build)
+        exact.run_exact_study(root / "runs", root / "results", root / "figures", settings=TINY_SETTINGS, seeds=SEEDS,
+                              steps=20, progress=False, command="test")
+        yield root
+
+
+def test_table_has_every_space_of_every_run(tiny_study):
+    table = pd.read_csv(tiny_study / "results" / "spectra.csv")
+    dims = table.groupby(["method", "space"])["dim"].unique().map(list).to_dict()
+    # r = 2 on fc1 (6×64), fc2 (6×6), head (10×6): tangent k·n + l·m − k·l per layer: 136 + 20 + 28 = 184
+    assert dims == {("full-ft", "merged"): [480], **{(m, s): [d] for m in ("lora", "sam-lora") for s, d in
+                    (("lora-balanced", 196), ("lora-as-trained", 196), ("merged", 480), ("tangent", 184),
+                     ("normal", 296))}}
+    assert len(table) == len(SEEDS) * (2 * 5 + 1)
+
+
+def test_trace_of_tangent_and_normal_adds_up_to_merged(tiny_study):
+    """P_T + P_N = I and the bases are orthonormal: Tr(Q_TᵀHQ_T) + Tr(Q_NᵀHQ_N) = Tr H."""
+    table = pd.read_csv(tiny_study / "results" / "spectra.csv")
+    wide = table[table["method"] != "full-ft"].pivot(index="run", columns="space", values="trace")
+    np.testing.assert_allclose(wide["tangent"] + wide["normal"], wide["merged"], rtol=1e-10)
+
+
+def test_thresholds_are_one_percent_of_lora_median(tiny_study):
+    table = pd.read_csv(tiny_study / "results" / "spectra.csv")
+    lora = table[table["method"] == "lora"].groupby("space")["lambda_max"].median()
+    expected = {sp: 0.01 * lora[src] for sp, src in exact.THRESHOLD_SPACE.items()}
+    assert table.groupby("space")["threshold"].first().to_dict() == pytest.approx(expected, rel=1e-12)
+
+
+def test_spectra_stage_reuses_parts(tiny_study, monkeypatch):
+    root = tiny_study
+    before = (root / "results" / "spectra.csv").read_text()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished part was computed again")
+
+    monkeypatch.setattr(exact, "exact_spectra", fail)
+    exact.run_exact_study(root / "runs", root / "results", root / "figures", settings=TINY_SETTINGS, seeds=SEEDS,
+                          steps=20, stages=("train", "spectra"), progress=False)
+    assert (root / "results" / "spectra.csv").read_text() == before
+
+
+def test_summary_spearman_is_scipys(tiny_study):
+    root = tiny_study
+    table = pd.read_csv(root / "results" / "spectra.csv")
+    wide = table[table["method"] != "full-ft"].pivot(index="run", columns="space", values="lambda_max")
+    summary = json.loads((root / "results" / "summary.json").read_text())
+    from scipy.stats import spearmanr
+
+    assert summary["spearman_lora_balanced_vs_merged"]["rho"] == pytest.approx(
+        spearmanr(wide["lora-balanced"], wide["merged"]).statistic, abs=1e-12)
+    assert summary["runs"] == len(SEEDS) * len(TINY_SETTINGS)
+
+
+def test_report_draws_the_figure(tiny_study):
+    root = tiny_study
+    assert sorted(p.name for p in (root / "figures").iterdir()) == [f"{exact.FIGURE}.pdf", f"{exact.FIGURE}.png"]
+
+
+def test_spearman_interval_is_seeded_and_holds_rho():
+    x = np.arange(30.0)
+    y = x + np.random.default_rng(1).normal(0, 8, 30)
+    a, b = (exact.spearman_interval(x, y, seed=3, n_resamples=999) for _ in range(2))
+    assert a == b and a["low"] < a["rho"] < a["high"]
+
+
+def test_mismatched_runs_are_flat_in_one_space_and_sharp_in_the_other():
+    lam = {"a": (1, 8), "b": (2, 1), "c": (3, 2), "d": (8, 3), "e": (5, 4), "f": (6, 5), "g": (7, 6), "h": (4, 7)}
+    frame = pd.DataFrame([{"run": r, "method": "lora", "setting": "lora", "seed": i, "space": sp, "lambda_max": v}
+                          for i, (r, vs) in enumerate(lam.items()) for sp, v in zip(("lora-balanced", "merged"), vs)])
+    assert exact.mismatched_runs(frame) == {"flat in lora-balanced, sharp in merged": ["a", "h"],
+                                            "flat in merged, sharp in lora-balanced": ["d"]}
+
+
+def test_script_needs_lora_for_the_thresholds(tmp_path):
+    r = run_script(SCRIPT, "--methods", "sam-lora", "--out", tmp_path)
+    assert r.returncode == 2 and "add 'lora' to --methods" in r.stderr
+
+
+def test_script_help_describes_every_option():
+    r = run_script(SCRIPT, "--help")
+    for option in ("--out", "--results", "--figures", "--seeds", "--methods", "--steps", "--stage", "--no-progress"):
+        assert option in r.stdout
