@@ -6,6 +6,7 @@ and the console entry points run); a bad input must end in ``SystemExit(2)`` wit
 ``error: …`` on stderr, before any work, leaving nothing behind.
 """
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -179,3 +180,261 @@ def test_a_lora_conv_with_reflect_padding_is_refused_when_flat_lora_is_built():
     with pytest.raises(UnsupportedAdapterError, match="padding_mode='reflect'"):
         FlatLoRA(model, sigma=0.05, total_steps=10)
     assert torch.is_tensor(model(torch.randn(1, 3, 4, 4)))  # the model itself is untouched
+
+
+# ------------------------------------------------- issue 12, train side: runs that can be trusted
+def module(name: str) -> dict:
+    """The globals of analysis_scripts/NAME.py, loaded as a module (its main not run)."""
+    return runpy.run_path(str(ROOT / "analysis_scripts" / f"{name}.py"), run_name=name)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: relative path → bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, argv) -> str:
+    """train.py's one-line error for ``argv`` (exit status 2)."""
+    with pytest.raises(SystemExit) as e:
+        script("train")(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+DIGITS = ["--task", "digits-mlp", "--no-progress"]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """This torch sees no CUDA device (whatever the machine has)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def forbid_models(monkeypatch) -> None:
+    """From now on in the test, building a model fails it: an error must come before."""
+    import flatlora.training.runs as runs
+
+    monkeypatch.setattr(runs, "_build_model", lambda *a: pytest.fail("a model was built"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora-dropout", "2"], "--lora-dropout must be in [0, 1)"),
+    (["--device", "cuda"], "--device cuda: this torch has no CUDA"),
+])
+def test_an_overwrite_with_a_bad_argument_keeps_the_old_run(tmp_path, task, capsys, monkeypatch, no_cuda,
+                                                             shared_digits_pretraining, args, message):
+    """Issue 12.3: the arguments are checked before the finished run is touched."""
+    r = train(tmp_path / "run", task, method="lora")
+    before = snapshot(tmp_path)
+    forbid_models(monkeypatch)
+    assert message in refused(capsys, [*DIGITS, "--out", str(r), "--overwrite", *args])
+    assert snapshot(tmp_path) == before
+
+
+def test_an_overwrite_failing_in_training_keeps_the_old_run(tmp_path, task, monkeypatch):
+    """Issue 12.3: the new run is written beside the old one, which stays whole until it finishes."""
+    import flatlora.training.runs as runs
+
+    r = train(tmp_path / "run", task, method="lora")
+    before = snapshot(r)
+
+    def broken_loop(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runs, "train_loop", broken_loop)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(r, task, method="lora", seed=1)
+    assert snapshot(r) == before
+
+
+def test_an_interrupted_overwrite_resumes_and_then_replaces_the_old_run(tmp_path, task, monkeypatch):
+    """Issue 12.3: started again, an interrupted overwrite resumes from OUT.overwrite/; once finished
+    it is the run in OUT, and nothing is left beside it."""
+    import flatlora.training.runs as runs
+
+    r = train(tmp_path / "run", task, method="lora")
+    new = config(steps=4, method="lora", seed=1, checkpoint_every=2)
+    after_step = runs._Run._after_step
+
+    def interrupted_at_step_3(job, t, loss):
+        after_step(job, t, loss)
+        if t == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs._Run, "_after_step", interrupted_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(new, r, overwrite=True, progress=False, task=task)
+    monkeypatch.undo()
+    starts, loop = [], runs.train_loop
+    monkeypatch.setattr(runs, "train_loop", lambda *a, **k: starts.append(k["start_step"]) or loop(*a, **k))
+    run(new, r, overwrite=True, progress=False, task=task)
+    assert starts == [2] and json.loads((r / "config.json").read_text())["seed"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def write_csvs(folder: Path, classes: int = 12) -> None:
+    """train.csv (two rows per class), validation.csv and test.csv (one row per class, in class
+    order) with the integer labels 0 … classes−1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = lambda tag, n: pd.DataFrame({"text": [f"{tag} example {i} of class {i % classes}" for i in range(n)],
+                                        "label": [i % classes for i in range(n)]})
+    rows("train", 2 * classes).to_csv(folder / "train.csv", index=False)
+    rows("validation", classes).to_csv(folder / "validation.csv", index=False)
+    rows("test", classes).to_csv(folder / "test.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def custom_run(tmp_path_factory):
+    """One step of LoRA on MiniLM with 12 integer classes, trained by train.py from the CSVs' folder
+    with relative paths only → the run folder."""
+    import os
+
+    from flatlora.tasks import minilm_dir
+
+    work = tmp_path_factory.mktemp("custom") / "work"
+    write_csvs(work)
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(work)
+        assert script("train")(["--task", "custom", "--model-dir", os.path.relpath(minilm_dir(), work),
+                                "--train-csv", "train.csv", "--validation-csv", "validation.csv", "--test-csv",
+                                "test.csv", "--steps", "1", "--batch-size", "4", "--out", "run",
+                                "--no-progress"]) == 0
+    return work / "run"
+
+
+def test_a_run_names_its_classes_and_its_predictions(custom_run):
+    """Issue 12.4: labels.json maps class ids to the CSV's labels (numerically: "2" is id 2), and
+    each prediction carries its label beside its id."""
+    from flatlora.adapters import LABELS_FILE
+
+    names = [str(i) for i in range(12)]
+    assert json.loads((custom_run / LABELS_FILE).read_text()) == {"labels": names}
+    predictions = json.loads((custom_run / "predictions.json").read_text())
+    assert len(predictions["predictions"]) == 12
+    assert predictions["predicted_labels"] == [names[i] for i in predictions["predictions"]]
+
+
+def test_a_run_trained_with_relative_paths_loads_from_another_directory(custom_run, tmp_path, monkeypatch):
+    """Issue 12.5: config.json holds absolute paths; the run loads wherever it is read from, with
+    the CSV label "2" as class id 2."""
+    from flatlora import load_run
+
+    monkeypatch.chdir(tmp_path)
+    _, task, cfg = load_run(custom_run)
+    assert all(Path(cfg["task_options"][k]).is_absolute() for k in ("model_dir", "train_csv", "test_csv"))
+    assert [e["label"] for e in task.splits["test"]] == list(range(12))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "--device cuda: this torch has no CUDA"),
+    (["--epochs", "0"], "--epochs must be"),
+    (["--alpha", "0"], "--alpha must be"),
+    (["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
+    (["--method", "lora", "--sigma", "0.1"], "--sigma does not apply to --method lora"),
+    (["--method", "flat-lora", "--rho", "0.1"], "--rho does not apply to --method flat-lora"),
+    (["--method", "full-ft", "--rank", "4"], "--rank does not apply to --method full-ft"),
+    (["--train-csv", "train.csv"], "--train-csv only apply to --task custom"),
+])
+def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch, no_cuda,
+                                                     shared_digits_pretraining, args, message):
+    """Issue 12.10 and 12.11: a bad or ignored option is one line naming it, and nothing is written."""
+    forbid_models(monkeypatch)
+    assert message in refused(capsys, [*DIGITS, "--out", str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
+    ("warmup_ratio", 1.0, "warmup_ratio must be in [0, 1)"),
+    ("weight_decay", -0.1, "weight_decay must be a finite number >= 0"),
+    ("max_grad_norm", 0.0, "max_grad_norm must be a finite number > 0"),
+    ("eval_batch_size", 0, "eval_batch_size must be >= 1"),
+    ("checkpoint_every", 0, "checkpoint_every must be >= 1"),
+])
+def test_a_config_refuses_values_out_of_range(setting, value, message):
+    """Issue 12.3: every setting is checked in TrainConfig.resolved, the error naming it."""
+    import types
+
+    from flatlora import TrainConfig
+    from flatlora.training import ConfigError
+
+    task = types.SimpleNamespace(defaults={}, splits={"train": range(64)})  # what resolved() reads of a task
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
+        TrainConfig(task="digits-mlp", **{setting: value}).resolved(task)
+    assert e.value.setting == setting
+
+
+@pytest.mark.parametrize("content, message", [("text,label\n", "has a header but no rows"), ("", "is empty")])
+def test_train_refuses_a_csv_without_rows(tmp_path, capsys, content, message):
+    """Issue 12.10: an empty CSV, or one with a header only, is an error naming the file."""
+    write_csvs(tmp_path)
+    (tmp_path / "train.csv").write_text(content)
+    line = refused(capsys, ["--task", "custom", "--model-dir", str(tmp_path), "--train-csv",
+                            str(tmp_path / "train.csv"), "--test-csv", str(tmp_path / "test.csv"),
+                            "--out", str(tmp_path / "out")])
+    assert message in line and "train.csv" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_resuming_with_other_settings_names_overwrite(tmp_path, capsys, monkeypatch,
+                                                            shared_digits_pretraining):
+    """Issue 12.10: the error names the command line's option, --overwrite."""
+    forbid_models(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"task": "digits-mlp", "seed": 5}))
+    (out / "checkpoint.pt").write_bytes(b"an interrupted run")
+    before = snapshot(tmp_path)
+    assert "--overwrite" in refused(capsys, [*DIGITS, "--out", str(out)])
+    assert snapshot(tmp_path) == before
+
+
+def test_train_refuses_a_file_as_out(tmp_path, capsys, monkeypatch, shared_digits_pretraining):
+    forbid_models(monkeypatch)
+    (tmp_path / "out").write_text("notes")
+    assert f"--out {tmp_path / 'out'} is a file" in refused(capsys, [*DIGITS, "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out").read_text() == "notes"
+
+
+def test_a_run_records_no_setting_its_method_does_not_read(tmp_path, task):
+    """Issue 12.11: config.json of plain LoRA holds no σ or ρ (None): none was used."""
+    saved = json.loads((train(tmp_path / "run", task, method="lora") / "config.json").read_text())
+    assert saved["sigma"] is None and saved["rho"] is None and saved["schedule"] is None
+
+
+def test_train_shows_progress_only_on_a_terminal(monkeypatch):
+    """Issue 12.13: progress bars by default when stderr is a terminal, and --progress / --no-progress."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert module("train")["parse_args"](["--out", "x"]).progress is False
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert module("train")["parse_args"](["--out", "x"]).progress is True
+    assert module("train")["parse_args"](["--out", "x", "--no-progress"]).progress is False
+
+
+class _Parsed(Exception):
+    """Raised instead of parsing: carries the parser a script built."""
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "analysis_scripts").glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_option_of_every_script_has_help_and_shows_its_default(name, monkeypatch):
+    """Issue 12.13: each option of each script in analysis_scripts/ (benchmarks aside) has help text,
+    and its --help shows the default of every option that has one."""
+    import argparse
+
+    def capture(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed) as e:
+        module(name)["main"]()
+    parser = e.value.args[0]
+    undocumented = [a.dest for a in parser._actions if not a.help]
+    hidden_defaults = [a.dest for a in parser._actions if a.default not in (None, argparse.SUPPRESS)
+                       and "default" not in parser._get_formatter()._expand_help(a)]
+    assert (undocumented, hidden_defaults) == ([], [])

@@ -200,8 +200,11 @@ def _r8_minilm() -> Task:
     )
 
 
-def _custom(model_dir: str | os.PathLike = None, train_csv: str = None, test_csv: str = None,
-            validation_csv: Optional[str] = None, max_length: int = 128, lora_targets: Optional[Sequence[str]] = None) -> Task:
+def _custom(model_dir: Optional[str | os.PathLike] = None, train_csv: Optional[str | os.PathLike] = None,
+            test_csv: Optional[str | os.PathLike] = None, validation_csv: Optional[str | os.PathLike] = None,
+            max_length: int = 128, lora_targets: Optional[Sequence[str]] = None) -> Task:
+    """A local Hugging Face model folder and CSV files (columns text,label). The options annotated
+    ``os.PathLike`` are paths: a run's config.json records them absolute (``TrainConfig.resolved``)."""
     if model_dir is None or train_csv is None or test_csv is None:
         raise TaskError("task 'custom' needs model_dir, train_csv and test_csv (and optionally validation_csv)")
     if not Path(model_dir).is_dir():

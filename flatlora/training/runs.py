@@ -6,12 +6,19 @@ loop, writing — and writes::
     OUT/config.json       the resolved settings
     OUT/adapter/          the LoRA adapter (peft ``save_pretrained``), or OUT/model/ for full-ft
     OUT/metrics.json      test accuracy, weighted F1, validation per epoch, train-loss curve, time, memory
-    OUT/predictions.json  test-split predictions (for error analysis)
+    OUT/labels.json       classification: the class names in id order, {"labels": [name of id 0, …]}
+    OUT/predictions.json  test-split predictions (for error analysis): class ids ("predictions") and,
+                          for classification, the class names beside them ("predicted_labels")
     OUT/checkpoint.pt     while running: everything needed to resume — trainable weights, optimizer,
                           scheduler, every rank's RNG states (CPU and CUDA) — removed when finished
 
 Every file is written atomically. A finished run is not overwritten without ``overwrite=True``; an
-interrupted one resumes from its last checkpoint with the same settings.
+interrupted one resumes from its last checkpoint with the same settings. Every setting is checked
+and the model built before a folder is touched. A run that replaces another (``overwrite=True``:
+a finished run, or an interrupted one with other settings) is written beside it, to OUT.overwrite/,
+and swapped in when it has finished: a failed or interrupted overwrite leaves the old run whole. An
+interrupted overwrite resumes from OUT.overwrite/ when started again with the same settings (other
+settings start it afresh).
 
 Launched by ``torchrun --nproc_per_node W`` (or ``accelerate launch``), :func:`run` trains
 data-parallel with ``DistributedDataParallel``, each process on its own device (``cuda:LOCAL_RANK``,
@@ -36,12 +43,13 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..adapters import LABELS_FILE
 from ..memory import peak_memory_mb
 from ..io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
 from ..methods import StepRunner, get_method
 from ..rng import reseed, seeded
 from ..tasks import Task, get_task
-from .config import RunExistsError, TrainConfig
+from .config import ConfigError, RunExistsError, TrainConfig, check_device
 from .loop import micro_batches, train_loop
 
 __all__ = ["prepare_model", "run", "load_run", "save_model"]
@@ -89,29 +97,61 @@ def _config_dict(cfg: TrainConfig, world_size: int) -> dict:
     return {**dataclasses.asdict(cfg), "world_size": world_size}
 
 
-def _prepare_output(out: Path, config: dict, overwrite: bool) -> bool:
-    """Check the output folder against ``config`` and write config.json; True if it holds an
-    interrupted run with the same settings, to resume."""
-    ckpt_path = out / _CHECKPOINT
-    resume = False
-    if (out / "metrics.json").exists():
+def _differences(folder: Path, config: dict) -> list[str]:
+    """The settings in which the run in ``folder`` (its config.json) differs from ``config``; settings
+    added since it was written take their defaults."""
+    saved = {**_config_dict(TrainConfig(), 1), **read_json(folder / "config.json")}
+    return sorted(k for k in saved.keys() | config.keys() if saved.get(k) != config.get(k))
+
+
+_STAGED = ".overwrite"  # OUT.overwrite/: a run that replaces OUT, until it has finished
+
+
+@dataclasses.dataclass(frozen=True)
+class _Output:
+    """Where a run writes: ``work`` is the run's folder ``out`` itself, or, when the run replaces
+    another there, the sibling OUT.overwrite/, which :meth:`finish` swaps in once the run is
+    complete. ``resume``: ``work`` holds an interrupted run with these settings."""
+
+    out: Path
+    work: Path
+    config: dict  # config.json
+    resume: bool
+
+    @classmethod
+    def plan(cls, out: Path, config: dict, overwrite: bool) -> "_Output":
+        """Check ``out`` against ``config`` and choose where to write; nothing is written yet."""
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out {out} is a file, not a folder: name a folder for the run (it is created)", "out")
+        finished = (out / "metrics.json").exists()
+        if not finished and not (out / _CHECKPOINT).exists():
+            return cls(out, out, config, resume=False)
+        differ = [] if finished else _differences(out, config)
+        if not finished and not differ:
+            return cls(out, out, config, resume=True)
         if not overwrite:
-            raise RunExistsError(f"{out} holds a finished run; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
-    elif ckpt_path.exists():
-        # settings added since the run was written take their defaults
-        saved = {**_config_dict(TrainConfig(), 1), **read_json(out / "config.json")}
-        if saved != config:
-            if not overwrite:
-                diff = sorted(k for k in saved if saved.get(k) != config.get(k))
-                raise RunExistsError(f"{out} holds an interrupted run with other settings ({diff}); "
-                                     "pass overwrite=True to start afresh")
-            shutil.rmtree(out)
-        else:
-            resume = True
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", config)
-    return resume
+            held = "a finished run" if finished else f"an interrupted run with other settings ({differ})"
+            raise RunExistsError(f"{out} holds {held}; pass overwrite=True (--overwrite) to replace it once the new "
+                                 "run has finished, or choose another output folder")
+        staged = out.with_name(out.name + _STAGED)
+        return cls(out, staged, config, resume=(staged / _CHECKPOINT).exists() and not _differences(staged, config))
+
+    def open(self) -> None:
+        """Make the working folder, afresh unless resuming, and write config.json into it."""
+        if self.work != self.out and not self.resume and self.work.exists():
+            shutil.rmtree(self.work)  # a staged run with other settings
+        self.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.work / "config.json", self.config)
+
+    def finish(self) -> None:
+        """A finished run written beside ``out`` replaces the one there: old → OUT.old-PID, new → OUT,
+        old removed."""
+        if self.work == self.out:
+            return
+        old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+        os.replace(self.out, old)
+        os.replace(self.work, self.out)
+        shutil.rmtree(old)
 
 
 def run(
@@ -125,10 +165,12 @@ def run(
 ) -> tuple[nn.Module, dict]:
     """Train ``cfg.method`` on ``cfg.task``; write outputs under ``out`` (if given); return (model, metrics).
 
-    All settings are checked (task, method, values, output folder) before any training starts. The
-    run's steps: :func:`_setup` (output folder, model, optimizer, step runner), :meth:`_Run.resume`
-    (from the folder's checkpoint, if any), :meth:`_Run.train` (the loop, with evaluation and
-    checkpoints) and :meth:`_Run.write` (final evaluation, model, predictions, metrics).
+    All settings are checked (device, task, method, values, output folder) and the model is built
+    before any file is written; a run that replaces another (``overwrite``) is written beside it and
+    swapped in when finished (see the module docstring). The run's steps: :func:`_setup` (model,
+    optimizer, step runner, output folder), :meth:`_Run.resume` (from the folder's checkpoint, if
+    any), :meth:`_Run.train` (the loop, with evaluation and checkpoints) and :meth:`_Run.write`
+    (final evaluation, model, labels, predictions, metrics).
 
     Training's dropout draws from the global RNG: the run seeds a fork of it with ``cfg.seed``
     (:func:`flatlora.rng.seeded`; on a GPU the CUDA generators too), so the same seed gives the same
@@ -143,22 +185,25 @@ def run(
     resume); the checkpoint holds every rank's RNG states (CPU and CUDA). Every rank returns its
     (equal) model and rank 0's metrics."""
     distributed.ensure_initialized()
+    check_device(device)
     task = task or get_task(cfg.task, **cfg.task_options)
-    cfg = cfg.resolved(task, distributed.world_size())
+    world = distributed.world_size()
+    cfg = cfg.resolved(task, world)
     dev = distributed.device(device)
+    output = None if out is None else distributed.main_only(
+        lambda: _Output.plan(Path(out), _config_dict(cfg, world), overwrite))
     with seeded(cfg.seed, cuda=dev.type == "cuda"):
-        job = _setup(task, cfg, dev, Path(out) if out is not None else None, overwrite)
+        job = _setup(task, cfg, dev, output)
         job.resume()
         job.train(progress)
         return job.model, distributed.main_only(job.write)
 
 
-def _setup(task: Task, cfg: TrainConfig, dev: torch.device, out: Optional[Path], overwrite: bool) -> _Run:
-    """A run's first step: check the output folder (rank 0; see :func:`_prepare_output`), then build
-    the model, optimizer, scheduler and step runner on the global RNG that :func:`run` seeded."""
+def _setup(task: Task, cfg: TrainConfig, dev: torch.device, output: Optional[_Output]) -> _Run:
+    """A run's first step: build the model, optimizer, scheduler and step runner on the global RNG
+    that :func:`run` seeded, and only then open the output folder (rank 0; see :class:`_Output`)."""
     world, rank = distributed.world_size(), distributed.rank()
     method = get_method(cfg.method)
-    resume = out is not None and distributed.main_only(lambda: _prepare_output(out, _config_dict(cfg, world), overwrite))
     model = _build_model(task, cfg).to(dev)
     if rank > 0:  # rank 0 keeps a single process's random stream
         reseed(int(np.random.default_rng([cfg.seed, rank]).integers(2**63)), cuda=dev.type == "cuda")
@@ -167,8 +212,10 @@ def _setup(task: Task, cfg: TrainConfig, dev: torch.device, out: Optional[Path],
     runner = method.build(model, optimizer, options, loss_fn=task.loss, max_grad_norm=cfg.max_grad_norm,
                           scheduler=scheduler, ddp=distributed.wrap_ddp(model))
     batch_at = micro_batches(task, cfg.batch_size, cfg.seed, rank=rank, world_size=world)
-    return _Run(task=task, cfg=cfg, uses_lora=method.uses_lora, device=dev, out=out, model=model,
-                optimizer=optimizer, scheduler=scheduler, runner=runner, batch_at=batch_at, resuming=resume)
+    if output is not None:
+        distributed.main_only(output.open)
+    return _Run(task=task, cfg=cfg, uses_lora=method.uses_lora, device=dev, output=output, model=model,
+                optimizer=optimizer, scheduler=scheduler, runner=runner, batch_at=batch_at)
 
 
 @dataclasses.dataclass
@@ -180,13 +227,12 @@ class _Run:
     cfg: TrainConfig  # resolved
     uses_lora: bool
     device: torch.device
-    out: Optional[Path]
+    output: Optional[_Output]  # where the run writes; None: nowhere
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     runner: StepRunner
     batch_at: Callable[[int], Any]  # micro-batch k of this rank
-    resuming: bool  # ``out`` holds an interrupted run with the same settings
     # what a checkpoint keeps besides weights, optimizer and RNG: steps done, their losses, evaluations, time spent
     state: dict = dataclasses.field(default_factory=lambda: {"step": 0, "train_loss": [], "evals": [], "elapsed": 0.0})
     started: float = 0.0  # perf_counter() at step 0 (earlier than now when resumed)
@@ -197,6 +243,11 @@ class _Run:
         return self.batch_at.per_epoch // self.cfg.grad_accum
 
     @property
+    def out(self) -> Optional[Path]:
+        """The folder the run writes into (see :class:`_Output`), or None."""
+        return self.output.work if self.output is not None else None
+
+    @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
@@ -204,7 +255,7 @@ class _Run:
         """Load the checkpoint of an interrupted run, if resuming: trainable weights, optimizer,
         scheduler, this rank's RNG states, and the run's state. A checkpoint written before CUDA
         states were kept (no ``cuda_rng``) restores the CPU's only."""
-        if not self.resuming:
+        if self.output is None or not self.output.resume:
             return
         ckpt = torch.load(self.out / _CHECKPOINT, map_location="cpu", weights_only=False)
         with torch.no_grad():
@@ -261,8 +312,8 @@ class _Run:
 
     def write(self) -> dict:
         """The last step (rank 0): validation and test evaluations and the metrics; with an output
-        folder also the model, predictions.json and metrics.json — written last, it marks the run
-        finished — and the checkpoint removed."""
+        folder also the model, labels.json, predictions.json and metrics.json — written last, it marks
+        the run finished — then the checkpoint is removed and a run written beside ``out`` swapped in."""
         cfg, task, model = self.cfg, self.task, self.model
         val = self._validate(cfg.steps)
         test = task.evaluate(model, "test", cfg.eval_batch_size)
@@ -278,9 +329,14 @@ class _Run:
         }
         if self.out is not None:
             save_model(model, self.out, uses_lora=self.uses_lora)
-            atomic_write_json(self.out / "predictions.json", {"split": "test", "predictions": predictions})
+            record = {"split": "test", "predictions": predictions}
+            if task.kind == "classification" and task.label_names:
+                atomic_write_json(self.out / LABELS_FILE, {"labels": task.label_names})
+                record["predicted_labels"] = [task.label_names[i] for i in predictions]
+            atomic_write_json(self.out / "predictions.json", record)
             atomic_write_json(self.out / "metrics.json", metrics)  # written last: marks the run finished
             (self.out / _CHECKPOINT).unlink(missing_ok=True)
+            self.output.finish()
         return metrics
 
 
