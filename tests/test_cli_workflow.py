@@ -224,8 +224,7 @@ def forbid_models(monkeypatch) -> None:
     (["--lora-dropout", "2"], "--lora-dropout must be in [0, 1)"),
     (["--device", "cuda"], "--device cuda: this torch has no CUDA"),
 ])
-def test_an_overwrite_with_a_bad_argument_keeps_the_old_run(tmp_path, task, capsys, monkeypatch, no_cuda,
-                                                             shared_digits_pretraining, args, message):
+def test_an_overwrite_with_a_bad_argument_keeps_the_old_run(tmp_path, task, capsys, monkeypatch, no_cuda, args, message):
     """Issue 12.3: the arguments are checked before the finished run is touched."""
     r = train(tmp_path / "run", task, method="lora")
     before = snapshot(tmp_path)
@@ -338,8 +337,7 @@ def test_a_run_trained_with_relative_paths_loads_from_another_directory(custom_r
     (["--method", "full-ft", "--rank", "4"], "--rank does not apply to --method full-ft"),
     (["--train-csv", "train.csv"], "--train-csv only apply to --task custom"),
 ])
-def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch, no_cuda,
-                                                     shared_digits_pretraining, args, message):
+def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch, no_cuda, args, message):
     """Issue 12.10 and 12.11: a bad or ignored option is one line naming it, and nothing is written."""
     forbid_models(monkeypatch)
     assert message in refused(capsys, [*DIGITS, "--out", str(tmp_path / "out"), *args])
@@ -379,8 +377,7 @@ def test_train_refuses_a_csv_without_rows(tmp_path, capsys, content, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_train_resuming_with_other_settings_names_overwrite(tmp_path, capsys, monkeypatch,
-                                                            shared_digits_pretraining):
+def test_train_resuming_with_other_settings_names_overwrite(tmp_path, capsys, monkeypatch):
     """Issue 12.10: the error names the command line's option, --overwrite."""
     forbid_models(monkeypatch)
     out = tmp_path / "out"
@@ -392,7 +389,7 @@ def test_train_resuming_with_other_settings_names_overwrite(tmp_path, capsys, mo
     assert snapshot(tmp_path) == before
 
 
-def test_train_refuses_a_file_as_out(tmp_path, capsys, monkeypatch, shared_digits_pretraining):
+def test_train_refuses_a_file_as_out(tmp_path, capsys, monkeypatch):
     forbid_models(monkeypatch)
     (tmp_path / "out").write_text("notes")
     assert f"--out {tmp_path / 'out'} is a file" in refused(capsys, [*DIGITS, "--out", str(tmp_path / "out")])
