@@ -18,6 +18,7 @@ from landscape.worst_case import worst_case_sharpness
 
 
 def main(out: Path) -> None:
+    distributed.ensure_initialized()  # join the process group torchrun describes
     task = get_task("digits-mlp")
     cfg = TrainConfig(task="digits-mlp", method="lora", lora_dropout=0.0).resolved(task)
     model = prepare_model(task, cfg).eval()
