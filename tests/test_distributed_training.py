@@ -110,7 +110,8 @@ def test_only_rank_0_writes_a_normal_finished_run(ddp):
     (r0, r1), out = ddp
     assert r1["writes"] == [] and {"atomic_write_json", "atomic_torch_save", "save_model"} <= set(r0["writes"])
     run_dir = out / "lora"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "config.json", "metrics.json", "predictions.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "config.json", "labels.json", "metrics.json",
+                                                         "predictions.json"]
     config_json = json.loads((run_dir / "config.json").read_text())
     assert config_json["world_size"] == 2 and config_json["batch_size"] == BATCH and config_json["steps"] == STEPS
     metrics = json.loads((run_dir / "metrics.json").read_text())
