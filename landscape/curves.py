@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from flatlora import distributed
 
 from .directions import Sampler, filter_normalized, orthogonalize as gram_schmidt, sample
-from .evaluate import PointEvaluator
+from .evaluate import Combinations, PointEvaluator
 from .results import ResultsFile, fingerprint
 from .guard import preserved
 from .loss import Loss, require_loss
@@ -108,16 +108,12 @@ def _scan(model: nn.Module, loss: Loss, sp: Space, bases: list[list[Direction]],
                     if i in mine and _key(i, coeffs) not in done]
             if not todo:
                 continue
-            # the offsets of a chunk of points are one product C·[d₁; d₂], written into the same
-            # buffers for every chunk: one pass over memory and no allocation per point
-            flat = {n: torch.stack([d[n].reshape(-1) for d in basis]) for n in sp.names}
-            buffers = {n: f.new_empty(min(evaluator.points_per_call, len(todo)), f.shape[1]) for n, f in flat.items()}
+            # vectorized chunks make their offsets as one product C·[d₁; d₂]; looped points need none
+            flat = ({n: torch.stack([d[n].reshape(-1) for d in basis]) for n in sp.names}
+                    if evaluator.vectorized is not False else None)
             for i in range(0, len(todo), evaluator.points_per_call):
                 chunk = np.stack(todo[i : i + evaluator.points_per_call])
-                offsets = {n: torch.matmul(torch.as_tensor(chunk, dtype=f.dtype, device=f.device), f,
-                                           out=buffers[n][: len(chunk)]).view(-1, *sp.shapes[n])
-                           for n, f in flat.items()}
-                losses, accuracies = evaluator(offsets)
+                losses, accuracies = evaluator(Combinations(chunk, basis, flat))
                 results.add([{"space": sp.kind, "direction": k, **{a: float(x) for a, x in zip(axes, c)},
                               "loss": float(l), "accuracy": float(acc)}
                              for c, l, acc in zip(chunk, losses, accuracies)])

@@ -294,8 +294,8 @@ class Space:
 
     # --- evaluating at an offset ----------------------------------------------------------------
     @contextlib.contextmanager
-    def at(self, delta: Mapping[str, torch.Tensor], *, out: Optional[Mapping[str, torch.Tensor]] = None
-           ) -> Iterator[nn.Module]:
+    def at(self, delta: Mapping[str, torch.Tensor], *, out: Optional[Mapping[str, torch.Tensor]] = None,
+           filled: bool = False) -> Iterator[nn.Module]:
         """Inside the context the model computes at θ + P δ (P the space's projection, the identity
         except for tangent / normal); the model is never written.
 
@@ -305,13 +305,17 @@ class Space:
 
         ``out`` (no-grad loops only): tensors, one per :attr:`parameter_names` entry, that receive
         θ + δ instead of fresh ones — a point then costs no allocation of the size of the space
-        (which, for large tensors, costs more than the addition: fresh pages).
+        (which, for large tensors, costs more than the addition: fresh pages). With ``filled``, ``out``
+        already holds θ + δ (the caller updated it, e.g. from the previous grid point) and is used as it
+        is: δ's parameter entries are not read.
         """
         self.check(delta, "offset")
         delta = self.project(delta)
         replaced = {n: p.detach() for n, p in self._frozen.items()}
         if out is None:
             replaced.update({n: p.detach() + delta[n] for n, p in self._params.items()})
+        elif filled:
+            replaced.update({n: out[n] for n in self._params})
         else:
             replaced.update({n: torch.add(p.detach(), delta[n], out=out[n]) for n, p in self._params.items()})
         replaced = {alias: t for n, t in replaced.items() for alias in self._aliases[n]}

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatlora import get_task
 from landscape import (Loss, dense_hessian, expected_loss, hessian_density, hessian_eigenvalues, hessian_trace,
                        plot_hessian_density, snapshot)
 from helpers import reference_hessian
@@ -25,14 +24,14 @@ def fit(model, loss, steps, lr=1e-2):
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits(digits_task):
     """digits-mlp in fp64 on two batches (100 + 50) of digits 5–9: the task's MLP as built (pretrained
     on digits 0–4: a point with negative curvature, where magnitude-based top-k goes wrong), and the
     task's LoRA model (r = 4 on fc1, fc2, head) after 20 Adam steps, with the dense Hessian of its
     808 LoRA coordinates."""
     from peft import get_peft_model
 
-    task = get_task("digits-mlp")
+    task = digits_task  # its build_model: a copy of the model pretrained once per session
     mlp = task.build_model().double()
     loss = Loss([(x.double(), y) for x, y in task.batches("train", 100, limit=150)])
     torch.manual_seed(0)
@@ -67,7 +66,7 @@ def test_power_and_smallest(digits):
 def test_hutch_plus_plus_and_density_against_the_exact_trace(digits):
     _, lora, loss, H, exact = digits
     trace = float(torch.trace(H))
-    est = hessian_trace(lora, loss, "lora", num_samples=90, seed=0, progress=False)
+    est = hessian_trace(lora, loss, "lora", method="hutch++", num_samples=90, seed=0, progress=False)
     assert est.num_hvp == 90 and est.method == "hutch++"
     assert abs(est.estimate - trace) < 3 * est.stderr
     density = hessian_density(lora, loss, "lora", num_probes=2, num_steps=30, seed=0, progress=False)

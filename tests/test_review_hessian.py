@@ -155,3 +155,29 @@ def test_loss_mode_restores_mixed_modes_exactly(train_mode):
     with Loss(batches(), train_mode=train_mode).mode(model):
         pass
     assert [m.training for m in model.modules()] == before
+
+
+# --- issue 12.12: finite differences checked once against double backward ------------------------
+def _mlp(activation):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))]
+    return nn.Sequential(nn.Linear(8, 32), activation, nn.Linear(32, 3)).eval(), Loss(data)
+
+
+def test_finite_differences_on_a_relu_network_warn():
+    """fp32 ReLU MLP, default fd_step: the step crosses kinks and λ₁ comes out 2.5× too large
+    (3.21 against 1.28); the first product's check says so and names the cause."""
+    model, loss = _mlp(nn.ReLU())
+    with pytest.warns(UserWarning, match="piecewise-linear"):
+        fd = hessian_eigenvalues(model, loss, "all", k=1, backend="finite-difference", progress=False)
+    exact = hessian_eigenvalues(model, loss, "all", k=1, progress=False)
+    assert abs(fd.eigenvalues[0] - exact.eigenvalues[0]) > 0.5 * exact.eigenvalues[0]
+
+
+def test_finite_differences_on_a_smooth_network_pass_the_check_silently(recwarn):
+    model, loss = _mlp(nn.Tanh())
+    fd = hessian_eigenvalues(model, loss, "all", k=1, backend="finite-difference", progress=False)
+    exact = hessian_eigenvalues(model, loss, "all", k=1, progress=False)
+    assert not [w for w in recwarn if "finite-difference" in str(w.message)]
+    assert fd.eigenvalues[0] == pytest.approx(exact.eigenvalues[0], rel=1e-3)

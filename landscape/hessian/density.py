@@ -7,9 +7,10 @@ exact for polynomials of degree ≤ 2m − 1 (Golub & Meurant, "Matrices, Moment
 averaging the rules over probes and smoothing each node with a Gaussian of width σ gives the density
 φ(t) = (1/n_v) Σₗ Σⱼ τⱼˡ g_σ(t − θⱼˡ) (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao, ICML 2019).
 
-Lanczos here reorthogonalizes fully (m is small), and stops early when the Krylov space is
-invariant (β = 0): the rule is then exact, and no random restart is mixed in (PyHessian draws a new
-vector, which makes the quadrature wrong).
+Lanczos here (:class:`~landscape.hessian.linalg.KrylovBasis`, never restarted: T is the tridiagonal)
+reorthogonalizes fully (m is small), and stops early when the Krylov space is invariant (β = 0): the
+rule is then exact, and no random restart is mixed in (PyHessian draws a new vector, which makes the
+quadrature wrong).
 """
 from __future__ import annotations
 
@@ -20,33 +21,11 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import torch
-from scipy.linalg import eigh_tridiagonal
 
-from .linalg import as_operator, generator, rademacher
+from .linalg import KrylovBasis, as_operator, generator, rademacher
 from .operator import run_on_hessian
 
-__all__ = ["lanczos_tridiagonal", "stochastic_lanczos_quadrature", "HessianDensity", "hessian_density"]
-
-
-def lanczos_tridiagonal(A, v: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lanczos with full reorthogonalization from ``v``: the diagonal α (≤ ``steps``) and off-diagonal β
-    of T = VᵀAV. Stops early on an invariant subspace (β below 1e-12·‖T‖)."""
-    V = [v / np.linalg.norm(v)]
-    w = A.matvec(V[0])
-    alphas, betas = [float(V[0] @ w)], []
-    w = w - alphas[0] * V[0]
-    for _ in range(1, int(steps)):
-        for _ in range(2):  # full reorthogonalization, twice for stability
-            w = w - np.column_stack(V) @ (np.column_stack(V).T @ w)
-        beta = float(np.linalg.norm(w))
-        if beta <= 1e-12 * max(np.max(np.abs(alphas)), max(betas, default=0.0), 1e-300):
-            break
-        betas.append(beta)
-        V.append(w / beta)
-        w = A.matvec(V[-1]) - beta * V[-2]
-        alphas.append(float(V[-1] @ w))
-        w = w - alphas[-1] * V[-1]
-    return np.array(alphas), np.array(betas)
+__all__ = ["stochastic_lanczos_quadrature", "HessianDensity", "hessian_density"]
 
 
 def stochastic_lanczos_quadrature(op, num_probes: int = 2, num_steps: int = 60, *,
@@ -61,8 +40,11 @@ def stochastic_lanczos_quadrature(op, num_probes: int = 2, num_steps: int = 60, 
     probes = rademacher(generator(seed), A.shape[0], int(num_probes))
     nodes, weights = [], []
     for j in range(probes.shape[1]):
-        alphas, betas = lanczos_tridiagonal(A, probes[:, j], num_steps)
-        theta, U = eigh_tridiagonal(alphas, betas)
+        basis = KrylovBasis(A, probes[:, j], int(num_steps))
+        basis.expand()
+        while not (basis.full or basis.invariant()):
+            basis.expand()
+        theta, U = np.linalg.eigh(basis.T[: basis.m, : basis.m])
         nodes.append(theta)
         weights.append(U[0] ** 2)
     return nodes, weights, A.products

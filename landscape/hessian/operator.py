@@ -20,8 +20,12 @@ every product, so H is one fixed matrix).
 
 Under ``torchrun`` a single product (Lanczos, power iteration, SLQ) is averaged over data shards
 (:func:`rank_batches`): each rank takes every W-th batch and one all-reduce sums the parts, so every
-rank holds the same H v and runs the same iteration. A block of products (``matmat``: Hutchinson,
-Hutch++) is split by columns instead (:func:`split_columns`), each on all the data, and gathered once.
+rank holds the same H v and runs the same iteration. A block of products (``matmat``: XTrace,
+Hutch++, Hutchinson) is split by columns instead (:func:`split_columns`), each on all the data, and
+gathered once. A rank's block is one batched computation of the backend (``block_products="batched"``,
+:meth:`~landscape.hessian.products.HVPBackend.block`: a vectorized double backward, or ``vmap`` of
+forward-over-reverse) or a loop of single products (``"loop"``); ``"auto"`` batches where the backend
+can and falls back to the loop, for good, at the first failure (an operation without a batching rule).
 
 :func:`run_on_hessian` is what every front-end (:func:`landscape.hessian_eigenvalues`,
 :func:`~landscape.hessian_trace`, :func:`~landscape.hessian_density`, :func:`~landscape.dense_hessian`)
@@ -48,8 +52,10 @@ from ..space import Direction, Selector, Space, as_space, space as build_space
 from .attention import eager_attention, require_eager
 from .products import BACKENDS, HessianError, make_backend
 
-__all__ = ["HessianOperator", "HessianError", "BACKENDS", "product_session", "rank_batches", "split_columns",
-           "HessianRun", "run_on_hessian"]
+__all__ = ["HessianOperator", "HessianError", "BACKENDS", "BLOCK_PRODUCTS", "product_session", "rank_batches",
+           "split_columns", "HessianRun", "run_on_hessian"]
+
+BLOCK_PRODUCTS = ("auto", "batched", "loop")
 
 T = TypeVar("T")
 
@@ -79,9 +85,11 @@ def rank_batches(loss: Loss, device: torch.device, *, shard: bool) -> list[tuple
 
 
 def split_columns(apply: Callable[[np.ndarray], np.ndarray], X: np.ndarray) -> np.ndarray:
-    """The matrix [apply(x₁), …, apply(xₘ)] of the columns xⱼ of X, the columns split across ranks under
-    ``torchrun`` (rank r computes every W-th) and gathered once (no communication inside ``apply``)."""
-    local = {j: apply(X[:, j]) for j in distributed.shard(range(X.shape[1]))}
+    """The matrix whose columns are those of ``apply(X)`` — ``apply`` maps a block of columns to a block —
+    with the columns split across ranks under ``torchrun`` (rank r computes every W-th, as one block) and
+    gathered once (no communication inside ``apply``)."""
+    mine = list(distributed.shard(range(X.shape[1])))
+    local = dict(zip(mine, apply(X[:, mine]).T)) if mine else {}
     out = np.empty(X.shape, dtype=np.float64)
     for part in distributed.all_gather_objects(local):
         for j, column in part.items():
@@ -96,9 +104,9 @@ def _resolve_space(model: nn.Module, sp: Space | Selector, include_trainable: bo
     return as_space(model, sp) if isinstance(sp, Space) else build_space(model, sp, include_trainable=include_trainable)
 
 
-def _dtype_and_device(sp: Space) -> tuple[torch.dtype, torch.device]:
-    """The one dtype of the space's coordinates and their device (TypeError when dtypes are mixed)."""
-    point = sp.point()
+def _dtype_and_device(sp: Space, point: Direction) -> tuple[torch.dtype, torch.device]:
+    """The one dtype of the space's coordinates (``point``: any direction of the space) and their device
+    (TypeError when dtypes are mixed)."""
     dtypes = sorted({str(t.dtype) for t in point.values()})
     if len(dtypes) > 1:
         raise TypeError(f"the {sp.kind!r} space mixes dtypes {dtypes}; cast the model to one dtype "
@@ -122,12 +130,16 @@ class HessianOperator(LinearOperator):
             flash) to eager attention inside sessions, with a warning; ``False`` raises instead.
         keep_graphs: how many batches keep their gradient graph across products (default: all;
             double-backward only).
+        block_products: a block of products as one batched computation (``"batched"``), one product per column
+            (``"loop"``), or batched with the loop as fallback (``"auto"``; see the module docstring).
+        max_block: columns per batched computation (memory grows with it).
         fd_step: the finite-difference step in the space's norm (default ε^{1/3}·max(1, ‖θ‖);
             finite-difference only).
         rng_seed: seed of the dropout masks when the loss is in train mode.
 
     Products outside a :meth:`session` work but rebuild every graph; inside one the graphs are kept.
-    ``products`` counts the products made; ``hvp`` is the backend (:class:`~landscape.hessian.products.HVPBackend`).
+    ``products`` counts the products made (one per column of a block); ``hvp`` is the backend
+    (:class:`~landscape.hessian.products.HVPBackend`).
 
     Raises:
         ValueError / TypeError: bad arguments, before any forward pass.
@@ -137,16 +149,24 @@ class HessianOperator(LinearOperator):
 
     def __init__(self, model: nn.Module, loss: Loss, space: Space | Selector = "lora", *,
                  backend: str = "double-backward", include_trainable: bool = False, switch_attention: bool = True,
-                 keep_graphs: Optional[int] = None, fd_step: Optional[float] = None, rng_seed: int = 0):
+                 keep_graphs: Optional[int] = None, fd_step: Optional[float] = None, rng_seed: int = 0,
+                 block_products: str = "auto", max_block: int = 16):
         require_loss(loss, "HessianOperator")
+        if block_products not in BLOCK_PRODUCTS:
+            raise ValueError(f"block_products must be one of {BLOCK_PRODUCTS}, got {block_products!r}")
+        if int(max_block) != max_block or max_block < 1:
+            raise ValueError(f"max_block must be a positive integer, got {max_block!r}")
         self.model, self.loss, self.backend = model, loss, backend
         self.space = _resolve_space(model, space, include_trainable)
-        self.dtype_torch, self.device = _dtype_and_device(self.space)
         self.hvp = make_backend(backend, loss, self.space, keep_graphs=keep_graphs, fd_step=fd_step,
                                 rng_seed=rng_seed)
+        self.dtype_torch, self.device = _dtype_and_device(self.space, self.hvp.zeros())
         self.switch_attention = bool(switch_attention)
         if self.hvp.second_order and not self.switch_attention:
             require_eager(model)
+        self.block_products, self.max_block = block_products, int(max_block)
+        #: why ``"auto"`` fell back to the loop (None: it did not)
+        self.block_fallback: Optional[str] = None
         self.products = 0
         self._bar: Optional[tqdm] = None  # set while a session is open
         super().__init__(dtype=np.float64, shape=(self.space.dim, self.space.dim))
@@ -179,19 +199,44 @@ class HessianOperator(LinearOperator):
                 self._bar = None
                 self.hvp.release()
 
-    def _product(self, x: np.ndarray, *, shard: bool) -> np.ndarray:
-        """H x: over this rank's batches and summed across ranks (``shard``), or over all batches here."""
-        v = self.space.from_vector(torch.as_tensor(np.ascontiguousarray(x).reshape(-1)).to(
-            device=self.device, dtype=self.dtype_torch))
-        hv = self.space.to_vector(self.hvp(v, rank_batches(self.loss, self.device, shard=shard)))
+    def _block(self, X: np.ndarray, *, shard: bool) -> np.ndarray:
+        """H X for an n×b block: over this rank's batches and summed across ranks (``shard``), or over all
+        batches here — in chunks of ``max_block`` columns, each batched or column by column
+        (``block_products``; "auto" loops from the first chunk whose batched form fails on)."""
+        out = []
+        for i in range(0, X.shape[1], self.max_block):
+            chunk = X[:, i : i + self.max_block]
+            if self.block_products != "loop" and self.hvp.batched and chunk.shape[1] > 1:
+                try:
+                    out.append(self._batched(chunk, shard=shard))
+                    continue
+                except (RuntimeError, NotImplementedError) as err:  # no batching rule, or out of memory
+                    if self.block_products == "batched":
+                        raise
+                    self.block_products, self.block_fallback = "loop", f"{type(err).__name__}: {err}"
+            out += [self._batched(chunk[:, j : j + 1], shard=shard) for j in range(chunk.shape[1])]
+        return np.hstack(out)
+
+    def _batched(self, X: np.ndarray, *, shard: bool) -> np.ndarray:
+        """H X by one call of the backend: its product for one column, its block for more."""
+        b = X.shape[1]
+        flat = torch.as_tensor(np.ascontiguousarray(X.T)).to(device=self.device, dtype=self.dtype_torch)
+        batches = rank_batches(self.loss, self.device, shard=shard)
+        if b == 1:
+            hv = self.space.to_vector(self.hvp(self.space.from_vector(flat[0]), batches))[None]
+        else:
+            sizes = [self.space.shapes[n].numel() for n in self.space.names]
+            V = {n: t.reshape(b, *self.space.shapes[n]) for n, t in zip(self.space.names, flat.split(sizes, dim=1))}
+            hv = self.hvp.block(V, batches)
+            hv = torch.cat([hv[n].reshape(b, -1) for n in self.space.names], dim=1)
         if shard:
             distributed.all_reduce_sum_([hv])
-        self._bar.update(1)
-        return hv.to(device="cpu", dtype=torch.float64).numpy()
+        self._bar.update(b)
+        return hv.to(device="cpu", dtype=torch.float64).numpy().T
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         with self.session():
-            hv = self._product(x, shard=True)
+            hv = self._batched(np.reshape(x, (-1, 1)), shard=True)[:, 0]
         self.products += 1
         return hv
 
@@ -199,12 +244,13 @@ class HessianOperator(LinearOperator):
         return self._matvec(x)
 
     def _matmat(self, X: np.ndarray) -> np.ndarray:
-        """H X: under ``torchrun`` by columns (:func:`split_columns`: each product on all the data on one
-        rank); in one process, column by column."""
-        if distributed.world_size() == 1 or X.shape[1] < 2:
-            return super()._matmat(X)  # LinearOperator's: one matvec per column
+        """H X: in one process, as one block (:meth:`_block`); under ``torchrun`` split by columns
+        (:func:`split_columns`: each rank's block on all the data, no communication per product)."""
         with self.session():
-            out = split_columns(lambda x: self._product(x, shard=False), X)
+            if distributed.world_size() == 1:
+                out = self._block(X, shard=True)
+            else:
+                out = split_columns(lambda block: self._block(block, shard=False), X)
         self.products += X.shape[1]
         return out
 

@@ -36,7 +36,7 @@ SPACE_ORDER = ("lora", "merged", "tangent", "normal", "all")
 def fig_lines(curves: pd.DataFrame, *, spaces: Optional[Sequence[str]] = None,
               methods: Optional[Sequence[str]] = None, task: str = "") -> Figure:
     """Loss lines per space (one panel each; default: every space present), one curve per method
-    (default: every method present), mean ± std over directions and seeds."""
+    (default: every method present), mean ± std over every direction of every model (run or seed)."""
     spaces = _present(curves["space"], SPACE_ORDER) if spaces is None else spaces
     sel = curves if methods is None else curves[curves["method"].isin(methods)]
     fig, axes = new_figure(4.2, 3.4, panels=len(spaces))
@@ -46,7 +46,6 @@ def fig_lines(curves: pd.DataFrame, *, spaces: Optional[Sequence[str]] = None,
             ax.set_visible(False)
             continue
         part["loss"] = part["delta_loss"]  # L(θ + αd) − L(θ): runs start from different losses
-        part["direction"] = part["seed"].astype(str) + "/" + part["direction"].astype(str)
         plot_lines(part, by="method", metric="loss", ax=ax, title=f"{task} — {sp} space")
         ax.set_ylabel("L(θ + αd) − L(θ)")
     return fig
