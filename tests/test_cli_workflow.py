@@ -138,6 +138,22 @@ def test_make_figures_from_a_probe_table(tmp_path, task, capsys):
     assert all((tmp_path / "fig" / name).stat().st_size > 1000 for name in drawn)
 
 
+def test_loss_lines_of_adapters_without_seeds(tmp_path):
+    """Curves probed from --adapter folders carry a run but no seed (a KeyError in session 3's CI):
+    the method's curve is the mean over every direction of every adapter."""
+    import numpy as np
+
+    from landscape.study.figures import fig_lines
+
+    alphas = np.linspace(-1, 1, 5)
+    curves = pd.DataFrame([{"alpha": a, "loss": a * a * k, "delta_loss": a * a * k, "direction": d,
+                            "space": "merged", "method": "lora", "run": f"adapter-{k}"}
+                           for k in (1, 2) for d in (0, 1) for a in alphas])
+    ax = fig_lines(curves, task="csv").axes[0]
+    mean = ax.get_lines()[0].get_ydata()
+    assert np.allclose(mean, 1.5 * alphas ** 2)
+
+
 def test_make_figures_never_succeeds_with_nothing_drawn(tmp_path, capsys):
     """Issue 12.7: the folder probe.py wrote to, given as --results, is an error naming --probes."""
     (tmp_path / "probes.csv").write_text("space,measure,x,value\n")

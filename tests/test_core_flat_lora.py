@@ -112,14 +112,20 @@ def test_perturb_leaves_global_rng_unchanged(linear_lora):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_same_seed_same_adapter_bitwise():
+def test_same_seed_same_adapter_bitwise(digits_task, digits_flat_lora_run):
+    """conftest's shared run (Flat-LoRA, 30 steps, seed 0, written to a folder) against the same
+    settings again (no folder) and seed 1."""
     from flatlora import TrainConfig, run
 
-    def adapter(seed):
-        model, _ = run(TrainConfig(task="digits-mlp", method="flat-lora", steps=30, seed=seed), progress=False)
+    def trainable(model):
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    a, b, c = adapter(0), adapter(0), adapter(1)
+    def adapter(seed):
+        model, _ = run(TrainConfig(task="digits-mlp", method="flat-lora", steps=30, seed=seed), progress=False,
+                       task=digits_task)
+        return trainable(model)
+
+    a, b, c = trainable(digits_flat_lora_run[0]), adapter(0), adapter(1)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 

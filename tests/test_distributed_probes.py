@@ -1,51 +1,27 @@
 """Probes on 2 CPU processes (``torchrun --nproc_per_node 2``, gloo) give the numbers of one process.
 
-tests/dist_probe_worker.py runs every probe on a digits LoRA model and pickles the results; it is
-run once in one process and once under torchrun, and every rank's results are compared with the
-single process's. A shard file of partial results, left as by an interrupted run, is resumed.
+helpers.run_probes runs every probe on a digits LoRA model: once in this process (conftest's
+``distributed_checks``) and once on each rank of the suite's one torchrun launch
+(tests/dist_worker.py), and every rank's results are compared with the single process's. A shard
+file of partial results, left as by an interrupted run, is resumed. The same launch runs the probe
+script as is.
 """
 import json
-import os
-import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
-from flatlora.io import atomic_write_json, read_json
+from flatlora.io import read_json
+from helpers import SENTINEL, one_thread, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTINEL = 12345.0
 
 
-def launch(args, nproc=None, timeout=600):
-    """Run a script in one process (``nproc=None``) or under torchrun on ``nproc`` CPU processes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("WORLD_SIZE", None)
-    head = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                   f"--nproc_per_node={nproc}"]
-    done = subprocess.run(head + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
-
-@pytest.fixture(scope="module")
-def probe_results(tmp_path_factory):
-    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    launch([ROOT / "tests" / "dist_probe_worker.py", one])
-    # an interrupted 2-rank line probe: rank 1 had finished its points, one of them marked
-    saved = read_json(one / "line.json")
-    rows = [r for i, r in enumerate(saved["rows"]) if i % 2 == 1]
-    rows[0] = {**rows[0], "loss": SENTINEL}
-    atomic_write_json(two / "line.rank1-of-2.json", {"meta": saved["meta"], "rows": rows})
-    launch([ROOT / "tests" / "dist_probe_worker.py", two], nproc=2)
-    single = pickle.loads((one / "rank0.pkl").read_bytes())
-    ranks = [pickle.loads((two / f"rank{r}.pkl").read_bytes()) for r in range(2)]
-    return single, ranks, rows[0], one, two
+def probe_results(checks):
+    """(single process, [rank 0, rank 1], the marked shard row, the single process's folder, the ranks' folder)."""
+    return (checks["probes_single"], checks["probes_ranks"], checks["marked"], checks["probes_one_dir"],
+            checks["probes_dir"])
 
 
 def _close_frames(a: pd.DataFrame, b: pd.DataFrame, rtol=1e-5, atol=1e-6):
@@ -56,8 +32,8 @@ def _close_frames(a: pd.DataFrame, b: pd.DataFrame, rtol=1e-5, atol=1e-6):
     assert a[others].equals(b[others])
 
 
-def test_two_ranks_equal_one_process(probe_results):
-    single, ranks, _, _, _ = probe_results
+def test_two_ranks_equal_one_process(distributed_checks):
+    single, ranks, _, _, _ = probe_results(distributed_checks)
     assert single["world_size"] == 1
     for res in ranks:
         assert res["world_size"] == 2
@@ -74,8 +50,8 @@ def test_two_ranks_equal_one_process(probe_results):
     assert list(ranks[0]["noise"]["samples"]) == list(single["noise"]["samples"])
 
 
-def test_interrupted_shard_resumes_and_files_are_joined(probe_results):
-    single, ranks, marked, one, two = probe_results
+def test_interrupted_shard_resumes_and_files_are_joined(distributed_checks):
+    single, ranks, marked, one, two = probe_results(distributed_checks)
     for res in ranks:  # the marked point came from the shard file, not from a new evaluation
         line = res["line"]
         hit = line[(line["direction"] == marked["direction"]) & np.isclose(line["alpha"], marked["alpha"])]
@@ -90,15 +66,18 @@ def test_interrupted_shard_resumes_and_files_are_joined(probe_results):
     assert sorted(map(key, joined["rows"])) == sorted(map(key, alone["rows"]))
 
 
-def test_probe_script_runs_unchanged_under_torchrun(tmp_path):
-    from flatlora import TrainConfig, run
-
-    run(TrainConfig(task="digits-mlp", method="lora", steps=20, seed=0), tmp_path / "runs" / "lora-s0", progress=False)
-    args = [ROOT / "analysis_scripts" / "probe.py", tmp_path / "runs" / "lora-s0", "--spaces", "lora", "merged",
+def test_probe_script_runs_unchanged_under_torchrun(distributed_checks, shared_digits_pretraining):
+    """analysis_scripts/probe.py on a finished digits run (conftest's ``digits_flat_lora_run``): run
+    as ``__main__`` on each rank of the launch (tests/dist_worker.py's PROBE_SCRIPT → two.csv), and
+    here in one process (→ one.csv)."""
+    root = distributed_checks["root"]
+    out = root / "probe-script"
+    args = [ROOT / "analysis_scripts" / "probe.py", root / "runs" / "flat-lora-s0", "--spaces", "lora", "merged",
             "--examples", "96", "--directions", "2", "--alphas", "5", "--noise-samples", "8"]
-    launch(args + ["--out", tmp_path / "one.csv"])
-    launch(args + ["--out", tmp_path / "two.csv"], nproc=2)
-    one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
+    with one_thread():  # as each rank ran
+        done = run_script(*args, "--out", out / "one.csv")
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = pd.read_csv(out / "one.csv"), pd.read_csv(out / "two.csv")
     _close_frames(one.drop(columns=["seconds"]), two.drop(columns=["seconds"]), rtol=1e-5, atol=1e-5)
-    assert json.loads((tmp_path / "two-manifest.json").read_text())["world_size"] == 2
-    assert not list(tmp_path.glob("*.rank*"))
+    assert json.loads((out / "two-manifest.json").read_text())["world_size"] == 2
+    assert not list(out.glob("*.rank*"))

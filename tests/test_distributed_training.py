@@ -1,34 +1,19 @@
 """Training under torchrun: 2 CPU processes (gloo) against one process with the whole batch.
 
-One launch of tests/dist_train_worker.py runs several short digits-mlp runs with batch 16 per rank;
-here the same runs in one process with batch 32 must give the same weights where the two are the
-same computation (plain LoRA, Flat-LoRA with shared noise, SAM with the global ε-gradient — also in
-the SAMTrainer), and differ where they are not (independent noise, local ε). One more launch runs
-the train script as is.
+The suite's one torchrun launch (conftest's ``distributed_checks``, tests/dist_worker.py) runs
+several short digits-mlp runs with batch 16 per rank; here the same runs in one process with batch
+32 must give the same weights where the two are the same computation (plain LoRA, Flat-LoRA with
+shared noise, SAM with the global ε-gradient — also in the SAMTrainer), and differ where they are
+not (independent noise, local ε). The same launch runs the train script as is.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import BATCH, RUNS, STEPS, config, dict_lora_net, digits_task, examples
+from helpers import BATCH, RUNS, STEPS, config, dict_lora_net, examples
 from flatlora import TrainConfig, get_method, load_run, noise_seed, run
 from flatlora.training import RunExistsError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 ARGS`` on the CPU, one thread per process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -42,17 +27,15 @@ def differs(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
-    """What each of the 2 ranks saw, and the output folder."""
-    out = tmp_path_factory.mktemp("ddp")
-    torchrun(str(ROOT / "tests" / "dist_train_worker.py"), str(out))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
+def ddp(distributed_checks):
+    """What each of the 2 ranks saw, and the training runs' output folder."""
+    return distributed_checks["ranks"], distributed_checks["root"] / "training"
 
 
 @pytest.fixture(scope="module")
-def single():
+def single(digits_task):
     """``name -> trainable weights`` of the worker's run ``name`` in one process with batch 2 × 16."""
-    task, cache = digits_task(), {}
+    task, cache = digits_task, {}
 
     def get(name: str) -> dict:
         if name not in cache:
@@ -121,14 +104,14 @@ def test_only_rank_0_writes_a_normal_finished_run(ddp):
     assert task.evaluate(model, "test")["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
-def test_an_interrupted_run_resumes_bitwise_and_not_under_another_world_size(ddp):
+def test_an_interrupted_run_resumes_bitwise_and_not_under_another_world_size(ddp, digits_task):
     (r0, r1), out = ddp
     assert r0["resumed_steps"] == r1["resumed_steps"] == list(range(10, STEPS))  # from the step-10 checkpoint
     assert r0["resume_bitwise"] and r1["resume_bitwise"]
     assert not (out / "resumed" / "checkpoint.pt").exists()
     cfg = config(method="lora", lora_dropout=0.1, checkpoint_every=5, seed=1)
     with pytest.raises(RunExistsError, match="world_size"):
-        run(cfg, out / "interrupted", progress=False)
+        run(cfg, out / "interrupted", progress=False, task=digits_task)
 
 
 def test_a_bad_sam_gradient_fails_before_any_work(tmp_path):
@@ -137,17 +120,18 @@ def test_a_bad_sam_gradient_fails_before_any_work(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-def test_train_script_runs_unchanged_under_torchrun(tmp_path):
+def test_train_script_runs_unchanged_under_torchrun(distributed_checks, digits_task):
     """SAM on the merged weights, whose ε-gradient is no parameter's (DDP never syncs it): with
-    --sam-gradient global the 2-process run equals one process with the whole batch."""
-    out = tmp_path / "run"
-    r = torchrun(str(ROOT / "analysis_scripts" / "train.py"), "--task", "digits-mlp", "--method", "sam-full",
-                 "--sam-gradient", "global", "--lora-dropout", "0", "--batch-size", str(BATCH), "--steps", str(STEPS),
-                 "--no-progress", "--out", str(out))
-    assert len(r.stdout.strip().splitlines()) == 1  # the summary, printed by rank 0 only
-    assert json.loads(r.stdout)["method"] == "sam-full"
-    model, _, saved = load_run(out)
+    --sam-gradient global the 2-process run equals one process with the whole batch. The worker ran
+    analysis_scripts/train.py as ``__main__`` on each rank with tests/dist_worker.py's SCRIPT_RUN:
+    --method sam-full --sam-gradient global --lora-dropout 0 --batch-size BATCH --steps STEPS."""
+    ranks, out = distributed_checks["ranks"], distributed_checks["root"] / "script-run"
+    stdout = "".join(r["train_script_stdout"] for r in ranks)
+    assert len(stdout.strip().splitlines()) == 1  # the summary, printed by rank 0 only
+    assert json.loads(stdout)["method"] == "sam-full"
+    model, _, saved = load_run(out, task=digits_task)
     assert saved["world_size"] == 2 and saved["sam_gradient"] == "global"
-    single, _ = run(config(method="sam-full", sam_gradient="global", batch_size=2 * BATCH), progress=False)
+    single, _ = run(config(method="sam-full", sam_gradient="global", batch_size=2 * BATCH), progress=False,
+                    task=digits_task)
     trained = {n: p for n, p in single.named_parameters() if p.requires_grad}
     assert_same({n: p for n, p in model.named_parameters() if "lora_" in n}, trained)

@@ -96,11 +96,11 @@ def test_a_kernel_without_double_backward_is_reported_with_the_fix():
 
 
 @pytest.mark.slow
-def test_rt_minilm_top_eigenvalue_in_lora_and_merged_space():
+def test_rt_minilm_top_eigenvalue_in_lora_and_merged_space(rt_task):
     """MiniLM-L6 + LoRA (untrained: B = 0) on one batch of 4 Rotten Tomatoes snippets, fp32."""
-    from flatlora import TrainConfig, get_task, prepare_model
+    from flatlora import TrainConfig, prepare_model
 
-    task = get_task("rt-minilm")
+    task = rt_task
     model = prepare_model(task, TrainConfig(task="rt-minilm").resolved(task))
     loss = Loss(task.batches("test", 4, limit=4))
     before = snapshot(model)

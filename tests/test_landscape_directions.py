@@ -162,16 +162,17 @@ def _readme_blocks():
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-def test_readme_sharpness_probes_run(tmp_path, monkeypatch):
+def test_readme_sharpness_probes_run(tmp_path, monkeypatch, digits_task, digits_flat_lora_run):
     """The README's probe tour and custom sampler, exactly as written (the first block — training a
-    digits-mlp adapter — is replaced by a short run, the rest is executed verbatim)."""
-    from flatlora import TrainConfig, get_task, run
+    digits-mlp adapter — is replaced by a short run: a copy of conftest's shared Flat-LoRA run, 30
+    steps; the rest is executed verbatim)."""
+    import copy
 
     setup, tour, sampler = _readme_blocks()
     assert "run(TrainConfig(task=\"digits-mlp\"" in setup
     monkeypatch.chdir(tmp_path)
-    task = get_task("digits-mlp")
-    model, _ = run(TrainConfig(task="digits-mlp", method="flat-lora", steps=10), task=task, progress=False)
+    task = digits_task
+    model = copy.deepcopy(digits_flat_lora_run[0])
     namespace = {"model": model, "task": task, "loss": Loss(task.batches("test", 100))}
     exec(setup.split("task = ")[0], namespace)  # the imports of the first block
     exec(tour, namespace)

@@ -12,7 +12,8 @@ mismatch_study = runpy.run_path(str(ROOT / "analysis_scripts" / "mismatch_study.
 STUDY_METHODS = [m for m in ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full") if m in METHODS]
 
 
-def test_miniature_study_end_to_end(tmp_path):
+def test_miniature_study_end_to_end(tmp_path, shared_digits_pretraining):
+    """In this process, with digits-mlp's pretraining shared by all 10 runs and their probes."""
     args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--figures", str(tmp_path / "fig"),
             "--tasks", "digits-mlp", "--methods", *STUDY_METHODS, "--seeds", "0", "1", "--steps", "digits-mlp=10",
             "--examples", "32", "--spaces", "lora", "merged", "tangent", "normal", "--no-progress"]
