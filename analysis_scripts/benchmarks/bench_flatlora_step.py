@@ -13,8 +13,8 @@ process and interleaved (lora, exact, inplace, lora, …) so machine noise hits 
 * base-weight drift ‖W_after − W_before‖ / ‖W‖ after ``--drift-steps`` perturb/restore round trips
   of ``inplace`` mode, in fp32 and in bf16 (``exact``: measured too; 0 by construction).
 
-Writes ``figures/bench_flatlora_step.md``. ``--device cuda --dtype bf16`` adds a CUDA row where a
-GPU exists.
+Writes ``figures/bench_flatlora_step.md``. ``--device cuda --dtype bfloat16`` times the steps on a GPU
+in bf16 (``analysis_scripts/benchmarks/gpu_check.sh`` does).
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--drift-steps", type=int, default=1000)
     p.add_argument("--sigma", type=float, default=0.05)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the timed models")
     p.add_argument("--out", default=str(ROOT / "figures" / "bench_flatlora_step.md"))
     a = p.parse_args()
     device = torch.device(a.device)
@@ -64,10 +65,11 @@ def main() -> None:
     task = get_task("rt-minilm")
     cfg = TrainConfig(task="rt-minilm", method="lora", seed=0).resolved(task)
     base = prepare_model(task, cfg).to(device)
+    timed = copy.deepcopy(base).to(getattr(torch, a.dtype))
     batch_at = micro_batches(task, 16, seed=0)
     runners = {}
     for name in ("lora", "flat-lora exact", "flat-lora inplace"):
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(timed)
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         if name == "lora":
             runners[name] = StepRunner(model, opt)
@@ -104,7 +106,7 @@ def main() -> None:
         "",
         f"`{' '.join(['python', 'analysis_scripts/benchmarks/bench_flatlora_step.py'])}` — rt-minilm (MiniLM-L6, LoRA r=8 on "
         f"query/value + head), batch 16, σ={a.sigma} (constant), {a.reps} interleaved steps per method after "
-        f"{a.warmup} warm-up; device {device.type}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{a.warmup} warm-up, {a.dtype}; device {device.type}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads.",
         "",
         "| method | median step (s) | time ratio to LoRA | peak step memory above start (MiB) | extra over LoRA (MiB) |",
