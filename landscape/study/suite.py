@@ -4,7 +4,7 @@ For one model and one :class:`~landscape.Loss` (the same fixed batches for every
 paired), in each space:
 
 * ``eigenvalue``   — the top Hessian eigenvalue(s) λ₁ … λ_k (Lanczos);
-* ``trace``        — Tr H by Hutch++ with its standard error (skipped when ``trace_samples = 0``);
+* ``trace``        — Tr H by XTrace with its standard error (skipped when ``trace_samples = 0``);
 * ``expected_loss`` — ΔL(σ) = E_ε L(θ + ε) − L(θ) under Flat-LoRA's filter noise, per σ, with a
   t-interval (the same noise draws for every run: common random numbers);
 * ``worst_case``   — max over ‖δ‖ ≤ ρ of L(θ + δ) − L(θ) by k ascent steps, per ρ;
@@ -106,7 +106,7 @@ class ProbeSettings:
         parser.add_argument("--batch-size", type=positive_int, default=32, help="probe batch size")
         parser.add_argument("--eig-k", type=int, default=1, help="top Hessian eigenvalues per space")
         parser.add_argument("--eig-tol", type=float, default=d["eig_tol"], help="Lanczos relative residual")
-        parser.add_argument("--trace-samples", type=int, default=0, help="Hutch++ products per space (0: skip)")
+        parser.add_argument("--trace-samples", type=int, default=0, help="XTrace products per space (0: skip)")
         parser.add_argument("--sigmas", nargs="+", type=float, default=d["sigmas"], help="noise scales σ of ΔL(σ)")
         parser.add_argument("--noise-samples", type=int, default=d["noise_samples"], help="noise draws per σ (at most)")
         parser.add_argument("--rhos", nargs="+", type=float, default=[0.05], help="worst-case radii ρ")
