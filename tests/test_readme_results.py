@@ -22,3 +22,38 @@ def test_readme_quotes_the_results_files(task, name):
     rows = [line for line in SECTIONS[name](pd.read_csv(task / name)).splitlines() if line.startswith("| ")]
     missing = [row for row in rows if row not in readme]
     assert not missing, f"README.md does not quote {task.name}/{name} as it is now; first missing row: {missing[0]}"
+
+
+EXACT = ROOT / "results" / "study" / "digits-exact" / "summary.md"
+EXACT_SECTION = "### Study v2, first results: digits-mlp with exact spectra"
+
+
+def test_readme_quotes_the_exact_digits_summary_as_it_is():
+    """Every table row of the README's digits exact-spectra section is a row of the committed
+    summary.md (written by analysis_scripts/exact_study.py), and so is its headline correlation."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index(EXACT_SECTION):]
+    section = section[: section.index("\n### ", len(EXACT_SECTION))]
+    summary = EXACT.read_text(encoding="utf-8").splitlines()
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 10
+    assert [row for row in rows if row not in summary] == []
+    headline = next(line for line in summary if line.startswith("| lora-balanced | merged | all |"))
+    rho, low, high = (float(headline.split("|")[i]) for i in (5, 7, 8))
+    assert f"ρ = {rho:.2f} [{low:.2f}, {high:.2f}]" in section
+
+
+def test_the_exact_digits_correlation_recomputed_with_scipy():
+    """The headline Spearman ρ and p, recomputed from the committed spectra.csv with scipy directly
+    (so a bug in landscape.study.exact's statistics would show)."""
+    import json
+
+    from scipy import stats
+
+    table = pd.read_csv(EXACT.with_name("spectra.csv"))
+    wide = table.pivot(index="run", columns="space", values="lambda_max").dropna(subset=["lora-balanced"])
+    test = stats.spearmanr(wide["lora-balanced"], wide["merged"])
+    saved = json.loads(EXACT.with_name("summary.json").read_text())["spearman_lora_balanced_vs_merged"]
+    assert saved["n"] == len(wide)
+    assert saved["rho"] == pytest.approx(test.statistic, abs=1e-12)
+    assert saved["p"] == pytest.approx(test.pvalue, rel=1e-9)
