@@ -9,7 +9,7 @@
 # Without CUDA each step runs its CPU fallback (fp32 instead of bf16, gloo instead of nccl; step 4
 # reports the skips), and the file says so: the script is exercised on every machine.
 # Every step has its own time limit (570 s in all); a failing step is recorded and the next one runs.
-# On this project's 2-core CPU machine the fallback took 273 s (84, 163, 7 and 19 s).
+# On this project's 2-core CPU machine the fallback took 258 s (75, 154, 7 and 22 s).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
