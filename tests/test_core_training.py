@@ -113,6 +113,24 @@ def test_custom_task_on_real_files(tmp_path, rt_task):
     assert task.label_names == ["fresh", "rotten"]
 
 
+def test_evaluate_batches_texts_by_length_and_keeps_the_examples_order(rt_task):
+    """Batches of similar length (little padding), predictions in the examples' order: each equals
+    the model's prediction on its example alone, unpadded."""
+    import dataclasses
+
+    seen = []
+    task = dataclasses.replace(rt_task, collate=lambda b: seen.extend(len(e["input_ids"]) for e in b) or rt_task.collate(b))
+    model = rt_task.build_model().eval()
+    ex = rt_task.splits["test"][:24]
+    result = task.evaluate(model, "test", batch_size=8, limit=24)
+    assert seen == sorted(seen) and len(seen) == 24
+    with torch.no_grad():
+        alone = [int(model(**rt_task.collate([e])).logits.argmax(-1)) for e in ex]
+    assert [len(e["input_ids"]) for e in ex] != sorted(len(e["input_ids"]) for e in ex)  # the order matters here
+    assert result["predictions"] == alone and result["n"] == 24
+    assert result["accuracy"] == pytest.approx(sum(p == e["label"] for p, e in zip(alone, ex)) / 24)
+
+
 def test_r8_task_loads():
     task = get_task("r8-minilm")
     assert task.num_labels == 8
