@@ -1,10 +1,19 @@
 """The README's "Your own model, start to finish" runs as written (issue 12.8): each bash block of
 that section, verbatim, in a scratch folder holding what a user would bring — train.csv / test.csv
 (text,label) and a LoRA adapter trained by a few lines of plain peft code, not by train.py
-(issue 12.6) — with ``$MODEL`` the MiniLM folder that ``make setup`` installs and the project's
-console commands on the PATH."""
+(issue 12.6) — with ``$MODEL`` the MiniLM folder that ``make setup`` installs.
+
+Each command of a block is one of the project's console commands; it runs in this process, as the
+installed command would: the function its console-script entry point names, called with the
+command's arguments (what pip's wrapper does), in the scratch folder — without starting an
+interpreter and importing torch for every line, and with digits-mlp's pretraining shared. That the
+commands are on the PATH and start as programs is checked by running them there
+(:func:`test_the_console_commands_are_installed_and_start`, and the wrong-base-model test)."""
+import importlib.metadata
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,18 +86,51 @@ def test_the_section_has_the_three_workflows():
     assert "--adapter" in blocks[2]
 
 
+COMMANDS = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts") if e.name.startswith("flatlora-")}
+
+
+def block_commands(block: str) -> list[list[str]]:
+    """The block's command lines as argument lists, as bash splits them: continuations joined,
+    ``$VAR`` expanded from the environment, quotes removed."""
+    return [shlex.split(os.path.expandvars(line)) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def run_command(argv: list[str]) -> int:
+    """``argv`` as its console script runs it: ``sys.exit(main())`` with ``sys.argv`` = argv."""
+    assert argv[0] in COMMANDS, f"{argv[0]!r} is not one of the project's commands {sorted(COMMANDS)}"
+    main = COMMANDS[argv[0]].load()
+    saved, sys.argv = sys.argv, argv
+    try:
+        return main() or 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = saved
+
+
+def test_the_console_commands_are_installed_and_start(workspace):
+    """pip put each command on the PATH, naming the function the in-process runs call."""
+    folder, env = workspace
+    assert set(COMMANDS) == {"flatlora-train", "flatlora-probe", "flatlora-figures", "flatlora-study"}
+    for name in COMMANDS:
+        assert shutil.which(name, path=env["PATH"]) == str(Path(sys.executable).parent / name)
+    r = subprocess.run(["flatlora-figures", "--help"], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--probes" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["digits", "csv-minilm", "adapter-csv"])
-def test_readme_workflow_runs_verbatim(workspace, index):
+def test_readme_workflow_runs_verbatim(workspace, index, monkeypatch, shared_digits_pretraining, capsys):
     folder, env = workspace
     block = section_blocks()[index]
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MODEL", env["MODEL"])
+    for argv in block_commands(block):
+        assert run_command(argv) == 0, f"{shlex.join(argv)} failed:\n{capsys.readouterr().err[-3000:]}"
     probes = re.search(r"--out (\S+probes\.csv)", block).group(1)
     frame = pd.read_csv(folder / probes)
     assert (frame["measure"] == "eigenvalue").any()
     figures = re.findall(r"flatlora-figures .*--out (\S+)", block)[0]
-    assert list((folder / figures).glob("*-lines.png")), r.stderr[-2000:]
+    assert list((folder / figures).glob("*-lines.png")), capsys.readouterr().err[-2000:]
 
 
 def test_an_adapter_on_the_wrong_base_model_is_a_clear_error(workspace, tmp_path):
