@@ -279,7 +279,9 @@ def config(**kw):
 # the bar. Fewer steps do not do: the LoRA methods predict the majority class for their first 40
 # steps and break away between 40 and 60 (at 50: asam-lora 0.637, sam-full 0.547; sam 0.690, only
 # 2.4 standard errors above the bar); sam-lora did no sooner with lr 5e-3 (majority up to 30
-# steps), batch 4 (up to 50) or 16 tokens (up to 40).
+# steps), batch 4 (up to 50) or 16 tokens (up to 40). Inputs cut to 16 tokens halve the cost but
+# not enough accuracy is left at 60 steps (seed 0: sam-lora 0.670, asam-lora 0.677, sam-full 0.647,
+# asam-full 0.660, sam 0.667 — sam-full 0.7 standard errors above the bar): 32 tokens stay.
 # At a constant rate the accuracy swings afterwards (asam-full: 0.727, 0.687, 0.550 at 60, 70, 80
 # steps with 4 warm-up steps); a linear decay to 0 over 60 steps keeps every LoRA method at the
 # majority class: the constant rate stays.

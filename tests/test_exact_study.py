@@ -173,6 +173,38 @@ def test_mismatched_runs_are_flat_in_one_space_and_sharp_in_the_other():
                                             "flat in merged, sharp in lora-balanced": ["d"]}
 
 
+def test_own_space_effects_pair_seeds_on_the_log_scale_with_holm_over_every_cell():
+    """Two settings against LoRA on 6 seeds: one halves λ₁ (with seeded noise), one leaves it; the
+    ratio, interval and p are the t-test of the log ratios computed here with scipy, and p_holm is
+    Holm's adjustment over the four (setting × space) cells, worked out by hand."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    base = {sp: rng.uniform(1, 3, 6) for sp in ("lora-balanced", "merged")}
+    factor = {"lora": 1.0, "half": 0.5, "same": 1.0}
+    rows = [{"setting": st, "method": st, "seed": i, "space": sp,
+             "lambda_max": base[sp][i] * factor[st] * (1 if st == "lora" else np.exp(rng.normal(0, 0.1)))}
+            for st in factor for sp in base for i in range(6)]
+    effects = exact.own_space_effects(pd.DataFrame(rows)).set_index(["setting", "space"])
+    assert effects.loc["lora"]["p"].isna().all() and (effects.loc["lora"]["pairs"] == 0).all()
+    p = {}
+    for st in ("half", "same"):
+        for sp in base:
+            r = effects.loc[(st, sp)]
+            x = np.array([row["lambda_max"] for row in rows if row["setting"] == st and row["space"] == sp])
+            test = stats.ttest_rel(np.log(x), np.log(base[sp]))
+            ci = test.confidence_interval(0.95)
+            assert (r["ratio"], r["low"], r["high"], r["p"]) == pytest.approx(
+                (np.exp(np.mean(np.log(x / base[sp]))), np.exp(ci.low), np.exp(ci.high), test.pvalue), rel=1e-10)
+            assert r["pairs"] == 6 and r["below_lora"] == int((x < base[sp]).sum())
+            p[(st, sp)] = r["p"]
+    assert effects.loc["half"]["ratio"].between(0.4, 0.6).all() and effects.loc["same"]["ratio"].between(0.85, 1.15).all()
+    ranked = sorted(p, key=p.get)
+    expected = np.minimum(1, np.maximum.accumulate([(4 - i) * p[k] for i, k in enumerate(ranked)]))
+    assert [effects.loc[k]["p_holm"] for k in ranked] == pytest.approx(list(expected), rel=1e-12)
+    assert effects.loc[("half", "merged")]["p_holm"] < 0.01 < effects.loc[("same", "merged")]["p_holm"]
+
+
 def test_script_needs_lora_for_the_thresholds(tmp_path):
     r = run_script(SCRIPT, "--methods", "sam-lora", "--out", tmp_path)
     assert r.returncode == 2 and "add 'lora' to --methods" in r.stderr

@@ -1,5 +1,6 @@
 """Every Python snippet of the README runs as written (issue 12.14): they are executed in order, in
-one namespace, in a scratch folder — the digits-sized examples a reader would paste first."""
+one namespace, in a scratch folder — the digits-sized examples a reader would paste first (digits-mlp pretrained
+once per session: conftest's ``shared_digits_pretraining``)."""
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def test_the_readme_has_python_snippets():
     assert len(python_snippets()) >= 5
 
 
-def test_every_readme_python_snippet_runs(tmp_path, monkeypatch):
+def test_every_readme_python_snippet_runs(tmp_path, monkeypatch, shared_digits_pretraining):
     monkeypatch.chdir(tmp_path)  # the snippets write figures/ and runs/
     namespace: dict = {}
     for i, code in enumerate(python_snippets()):

@@ -1,4 +1,4 @@
-"""Text corruptions (seeded, paired across models) and the paired error analysis."""
+"""Text corruptions (seeded, paired across models), the paired error analysis, and Holm's adjustment."""
 import pytest
 
 from landscape.study.corruption import CORRUPTIONS, LEVELS, corrupt, corrupt_all
@@ -45,3 +45,14 @@ def test_compare_predictions_counts_and_mcnemar():
     assert list(table["kind"]).count("only lora right") == 3 and set(table["text"]) <= {str(i) for i in range(10)}
     with pytest.raises(ValueError, match="length"):
         compare_predictions(labels, a[:5], b)
+
+
+def test_holm_adjusts_as_holm_1979_and_skips_nan():
+    """p = (0.01, 0.04, NaN, 0.03, 0.5): m = 4 finite; sorted 0.01·4, 0.03·3, max(0.04·2, 0.09), 0.5·1."""
+    import numpy as np
+
+    from landscape.study.report import holm
+
+    out = holm([0.01, 0.04, np.nan, 0.03, 0.5])
+    np.testing.assert_allclose(out, [0.04, 0.09, np.nan, 0.09, 0.5], rtol=1e-12)
+    assert holm([0.6, 0.5]).tolist() == [1.0, 1.0]  # capped at 1

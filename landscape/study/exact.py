@@ -71,7 +71,7 @@ from ..results import PartFiles
 from ..space import space
 from .figures import METHOD_ORDER
 from .pipeline import run_fingerprint
-from .report import markdown_table
+from .report import holm, markdown_table, paired_log_ratio
 
 __all__ = ["ExactStudyError", "Setting", "SETTINGS", "SPACES", "STAGES", "STEPS", "TASK", "select_settings",
            "train_runs", "exact_spectra", "spectra_parts", "spectra_table", "spearman_interval", "correlations",
@@ -328,19 +328,23 @@ def mismatched_runs(frame: pd.DataFrame, x: str = "lora-balanced", y: str = "mer
 
 def own_space_effects(frame: pd.DataFrame) -> pd.DataFrame:
     """Per setting and space: the median λ₁ over seeds, and λ₁ against plain LoRA's with the same seed
-    (seeds pair data order and initialisation) — the median ratio, how many seeds are below LoRA's,
-    and the two-sided Wilcoxon signed-rank p of log(ratio) (NaN with fewer than 5 pairs)."""
+    (seeds pair data order and initialisation) on the log scale (:func:`~landscape.study.report.paired_log_ratio`):
+    the geometric-mean ratio with its 95 % t interval, the seeds below LoRA's, the paired t-test's p,
+    and ``p_holm``, Holm-adjusted over every comparison of the table (every setting × space).
+
+    A t-test on log ratios rather than Wilcoxon's signed-rank test: with 10 pairs Wilcoxon's smallest
+    two-sided p is 2/1024, which Holm's correction over some 60 comparisons cannot let through."""
     lora = frame[frame["method"] == "lora"].pivot(index="seed", columns="space", values="lambda_max")
     rows = []
     for (setting, sp), g in frame.groupby(["setting", "space"], sort=False):
         g = g.set_index("seed")["lambda_max"]
         base = lora[sp].reindex(g.index).dropna() if sp in lora else g.iloc[:0]
-        ratio = (g.loc[base.index] / base).to_numpy()
-        p = float(stats.wilcoxon(np.log(ratio)).pvalue) if len(ratio) >= 5 and np.any(ratio != 1) else np.nan
+        paired = paired_log_ratio(g.loc[base.index], base) if setting != "lora" else {}
         rows.append({"setting": setting, "space": sp, "n": len(g), "median_lambda_max": float(g.median()),
-                     "median_ratio_to_lora": float(np.median(ratio)) if len(ratio) else np.nan,
-                     "below_lora": int((ratio < 1).sum()), "pairs": len(ratio), "wilcoxon_p": p})
-    return pd.DataFrame(rows)
+                     **{k: paired.get(k, np.nan) for k in ("ratio", "low", "high", "p")},
+                     "below_lora": paired.get("below", 0), "pairs": paired.get("pairs", 0)})
+    effects = pd.DataFrame(rows)
+    return effects.assign(p_holm=holm(effects["p"]))
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -381,10 +385,11 @@ def fig_lora_vs_merged(frame: pd.DataFrame) -> Figure:
 
 
 def _tangent_vs_normal(effects: pd.DataFrame) -> dict:
-    """Per setting: median tangent and normal λ₁, and each as a median ratio to LoRA's with the same seed."""
+    """Per setting: median tangent and normal λ₁, each as a geometric-mean ratio to LoRA's with the
+    same seed, and that ratio's Holm-adjusted p."""
     sel = effects[effects["space"].isin(("tangent", "normal"))]
     return {setting: {f"{r.space}{suffix}": getattr(r, col) for r in g.itertuples()
-                      for suffix, col in (("", "median_lambda_max"), ("_ratio_to_lora", "median_ratio_to_lora"))}
+                      for suffix, col in (("", "median_lambda_max"), ("_ratio_to_lora", "ratio"), ("_p_holm", "p_holm"))}
             for setting, g in sel.groupby("setting", sort=False)}
 
 
@@ -397,9 +402,9 @@ def _threshold_rule() -> str:
 
 
 def _ratio_cells(effects: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
-    """setting × space of "ratio (below / pairs, p)" strings from :func:`own_space_effects`."""
-    cells = [f"{r.median_ratio_to_lora:.3g} ({r.below_lora}/{r.pairs}"
-             + ("" if np.isnan(r.wilcoxon_p) else f", p = {r.wilcoxon_p:.2g}") + ")" for r in effects.itertuples()]
+    """setting × space of "ratio [low, high] (below / pairs, Holm p)" strings from :func:`own_space_effects`."""
+    cells = ["—" if np.isnan(r.ratio) else f"{r.ratio:.3g} [{r.low:.3g}, {r.high:.3g}] ({r.below_lora}/{r.pairs}, "
+             f"p = {r.p_holm:.2g})" for r in effects.itertuples()]
     wide = effects.assign(cell=cells).pivot(index="setting", columns="space", values="cell")
     return wide.reindex(index=order, columns=[s for s in SPACES if s in wide.columns])
 
@@ -446,7 +451,8 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         "## λ₁ per setting (median over seeds), test accuracy and final train loss (mean)", "",
         markdown_table(per_setting.reset_index(), floatfmt=".3g"), "",
         "## Each setting against plain LoRA with the same seed", "",
-        "Median over seeds of λ₁ / LoRA's λ₁ (seeds below LoRA / pairs, Wilcoxon signed-rank p of the log ratio).",
+        "Geometric mean over seeds of λ₁ / LoRA's λ₁ with the same seed, its 95 % t interval (seeds below "
+        "LoRA / pairs, paired t-test of log λ₁, p Holm-adjusted over every cell of this table).",
         "", markdown_table(_ratio_cells(effects, order=list(per_setting.index)).reset_index()), "",
         "## Eigenvalues above τ (median over seeds)", "",
         "τ per space: " + ", ".join(f"{sp} {_fmt(t)}" for sp, t in thresholds.items())

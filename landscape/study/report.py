@@ -5,7 +5,10 @@
 * :func:`compare` — method a against method b on one metric: Welch's t-test (unequal variances,
   Welch 1947) over seeds, and the paired t-test over the seeds both have (runs with the same seed
   share the data order and the head's initialisation, so they pair);
-* :func:`sharpness_summary` — each sharpness measure per task × space × method over seeds.
+* :func:`sharpness_summary` — each sharpness measure per task × space × method over seeds;
+* :func:`paired_log_ratio` — x against a baseline paired by seed on the log scale (geometric-mean
+  ratio, its t interval and the paired t-test), and :func:`holm` — Holm's step-down adjustment of
+  the p-values of every comparison a report makes (Holm 1979).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["collect_metrics", "mean_std", "compare", "sharpness_summary", "format_mean_std", "markdown_table",
+__all__ = ["collect_metrics", "mean_std", "compare", "paired_log_ratio", "holm", "sharpness_summary", "format_mean_std", "markdown_table",
            "accuracy_section", "sharpness_section", "robustness_section", "HEADLINE_MEASURES"]
 
 #: (measure, x) pairs the report tabulates: top eigenvalue, ΔL at σ = 0.05, worst case at ρ = 0.05, line at α = 1
@@ -60,6 +63,36 @@ def compare(frame: pd.DataFrame, value: str, a: str, b: str, *, by: str = "metho
     shared = xa.index.intersection(xb.index)
     out["n_paired"] = len(shared)
     out["paired_p"] = float(stats.ttest_rel(xa[shared], xb[shared]).pvalue) if len(shared) >= 2 else np.nan
+    return out
+
+
+def paired_log_ratio(x: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> dict:
+    """``x`` against ``base``, paired (the same seed), on the log scale: d_i = log(x_i / base_i).
+
+    Returns ``ratio`` = exp(mean d) (the geometric-mean ratio), its Student-t interval
+    exp(mean d ± t_{n−1} · sd(d)/√n) as ``low`` / ``high``, the two-sided paired t-test's ``p``
+    (H₀: mean d = 0), ``below`` (pairs with x < base) and ``pairs``. NaN statistics with fewer than 2
+    pairs. The log scale makes a halving and a doubling equal effects, as for curvatures they are."""
+    d = np.log(np.asarray(x, dtype=float) / np.asarray(base, dtype=float))
+    out = {"pairs": len(d), "below": int((d < 0).sum()), "ratio": np.nan, "low": np.nan, "high": np.nan, "p": np.nan}
+    if len(d) >= 2:
+        test = stats.ttest_1samp(d, 0.0)
+        ci = test.confidence_interval(confidence)
+        out.update(ratio=float(np.exp(d.mean())), low=float(np.exp(ci.low)), high=float(np.exp(ci.high)),
+                   p=float(test.pvalue))
+    return out
+
+
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm's (1979) step-down adjusted p-values: with the m finite p sorted p₍₁₎ ≤ … ≤ p₍ₘ₎,
+    p̃₍ᵢ₎ = min(1, max_{j≤i} (m − j + 1) · p₍ⱼ₎). Rejecting where p̃ ≤ α keeps the family-wise error
+    rate at α. NaN stays NaN and does not count in m."""
+    p = np.asarray(p, dtype=float)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(~np.isnan(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
 
 
