@@ -153,6 +153,20 @@ def test_summary_spearman_is_scipys(tiny_study):
     assert summary["runs"] == len(SEEDS) * len(TINY_SETTINGS)
 
 
+def test_findings_state_the_tables_numbers(tiny_study):
+    """The summary's sentences carry the headline ρ of summary.json, one line per space, and the
+    accuracy range of spectra.csv."""
+    text = (tiny_study / "results" / "summary.md").read_text()
+    summary = json.loads((tiny_study / "results" / "summary.json").read_text())["spearman_lora_balanced_vs_merged"]
+    table = pd.read_csv(tiny_study / "results" / "spectra.csv")
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    head = f"Spearman ρ = {summary['rho']:.3g} [{summary['low']:.3g}, {summary['high']:.3g}], p = {summary['p']:.2g}."
+    assert any(line.endswith(head) and f"across the {summary['n']} LoRA runs" in line for line in lines)
+    assert sum("differs from LoRA's at Holm-adjusted p < 0.05" in line for line in lines) == len(exact.SPACES)
+    acc = table.groupby("setting")["accuracy"].mean()
+    assert any(f"{acc.min():.3f} ({acc.idxmin()}) to {acc.max():.3f} ({acc.idxmax()})" in line for line in lines)
+
+
 def test_report_draws_the_figure(tiny_study):
     root = tiny_study
     assert sorted(p.name for p in (root / "figures").iterdir()) == [f"{exact.FIGURE}.pdf", f"{exact.FIGURE}.png"]

@@ -28,19 +28,38 @@ EXACT = ROOT / "results" / "study" / "digits-exact" / "summary.md"
 EXACT_SECTION = "### Study v2, first results: digits-mlp with exact spectra"
 
 
-def test_readme_quotes_the_exact_digits_summary_as_it_is():
-    """Every table row of the README's digits exact-spectra section is a row of the committed
-    summary.md (written by analysis_scripts/exact_study.py), and so is its headline correlation."""
+def _exact_section() -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index(EXACT_SECTION):]
-    section = section[: section.index("\n### ", len(EXACT_SECTION))]
-    summary = EXACT.read_text(encoding="utf-8").splitlines()
+    return section[: section.index("\n### ", len(EXACT_SECTION))]
+
+
+def test_readme_quotes_the_exact_digits_summary_as_it_is():
+    """Every table row of the README's digits exact-spectra section is a row of the committed
+    summary.md (written by analysis_scripts/exact_study.py), and every sentence of its Findings is
+    quoted whole."""
+    section, summary = _exact_section(), EXACT.read_text(encoding="utf-8").splitlines()
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     assert len(rows) >= 10
     assert [row for row in rows if row not in summary] == []
-    headline = next(line for line in summary if line.startswith("| lora-balanced | merged | all |"))
-    rho, low, high = (float(headline.split("|")[i]) for i in (5, 7, 8))
-    assert f"ρ = {rho:.2f} [{low:.2f}, {high:.2f}]" in section
+    findings = summary[summary.index("## Findings (sentences made from the tables below)"):]
+    findings = [line for line in findings[: findings.index("## Runs flat in one space and sharp in the other")]
+                if line.startswith("- ")]
+    assert len(findings) >= 8 and [f for f in findings if f not in section.splitlines()] == []
+
+
+def test_every_decimal_in_the_exact_digits_prose_is_in_the_summary():
+    """The prose around the tables holds no number of its own: each decimal in it (outside tables and
+    code) appears in summary.md — so a rerun that changes a number fails here until the README says it."""
+    import re
+
+    section, summary = _exact_section(), EXACT.read_text(encoding="utf-8")
+    prose = re.sub(r"```.*?```", "", section, flags=re.S)
+    prose = "\n".join(line for line in prose.splitlines() if not line.startswith("|"))
+    numbers = set(re.findall(r"(?<![\w.])\d+\.\d+(?:e-?\d+)?", prose))
+    assert numbers, "the section quotes no numbers"
+    grid = {"0.003", "0.01", "0.03", "0.05", "0.1", "0.2"}  # the settings' ρ and σ, named in setting names
+    assert sorted(n for n in numbers - grid if n not in summary) == []
 
 
 def test_the_exact_digits_correlation_recomputed_with_scipy():

@@ -75,7 +75,7 @@ from .report import holm, markdown_table, paired_log_ratio
 
 __all__ = ["ExactStudyError", "Setting", "SETTINGS", "SPACES", "STAGES", "STEPS", "TASK", "select_settings",
            "train_runs", "exact_spectra", "spectra_parts", "spectra_table", "spearman_interval", "correlations",
-           "mismatched_runs", "own_space_effects", "fig_lora_vs_merged", "write_report", "run_exact_study"]
+           "mismatched_runs", "own_space_effects", "findings", "fig_lora_vs_merged", "write_report", "run_exact_study"]
 
 TASK = "digits-mlp"
 STEPS = 1200
@@ -413,6 +413,40 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+ALPHA = 0.05  # family-wise error rate of the Holm-adjusted comparisons
+
+
+def findings(corr: pd.DataFrame, mismatch: dict[str, list[str]], effects: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """The report's numbers in sentences (markdown bullets), made from the tables so that prose which
+    quotes them cannot drift: the headline correlation and its range within methods, the runs flat in
+    one space and sharp in the other, every setting × space whose λ₁ differs from LoRA's at Holm-adjusted
+    p < :data:`ALPHA`, full fine-tuning's merged λ₁ and the accuracy range."""
+    main = corr[(corr["x"] == "lora-balanced") & (corr["y"] == "merged")]
+    pooled, within = main[main["scope"] == "all"].iloc[0], main[main["scope"] != "all"].dropna(subset=["low"])
+    n_lora = int(pooled["n"])
+    lines = [f"- Balanced-LoRA λ₁ against merged λ₁ across the {n_lora} LoRA runs: Spearman ρ = {_fmt(pooled['rho'])} "
+             f"[{_fmt(pooled['low'])}, {_fmt(pooled['high'])}], p = {pooled['p']:.2g}."]
+    if len(within):
+        lo, hi = within.loc[within["rho"].idxmin()], within.loc[within["rho"].idxmax()]
+        lines.append(f"- Within one method (with an interval): ρ from {_fmt(lo['rho'])} ({lo['scope']}, n = {int(lo['n'])}) "
+                     f"to {_fmt(hi['rho'])} ({hi['scope']}, n = {int(hi['n'])}).")
+    for label, runs in mismatch.items():
+        lines.append(f"- Runs {label}: {len(runs)} of {n_lora}" + (f" ({', '.join(runs)})." if runs else "."))
+    lora = effects[effects["setting"] == "lora"].set_index("space")["median_lambda_max"]
+    for sp in SPACES:
+        sig = effects[(effects["space"] == sp) & (effects["p_holm"] < ALPHA)]
+        cells = [f"{r.setting} {_fmt(r.ratio)}× [{_fmt(r.low)}, {_fmt(r.high)}] (p = {r.p_holm:.2g})" for r in sig.itertuples()]
+        base = f" (LoRA's median {_fmt(lora[sp])})" if sp in lora else ""
+        lines.append(f"- λ₁ in the {sp} space{base} differs from LoRA's at Holm-adjusted p < {ALPHA:g} for "
+                     + (f"{len(cells)} setting(s): " + "; ".join(cells) + "." if cells else "no setting."))
+    full = table[(table["method"] == "full-ft") & (table["space"] == "merged")]["lambda_max"]
+    if len(full):
+        lines.append(f"- Full fine-tuning's merged λ₁: median {_fmt(full.median())} over {len(full)} seeds.")
+    acc = table.groupby("setting")["accuracy"].mean()
+    lines.append(f"- Test accuracy, mean per setting: {acc.min():.3f} ({acc.idxmin()}) to {acc.max():.3f} ({acc.idxmax()}).")
+    return lines
+
+
 def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str, *, seed: int = 0) -> dict:
     """summary.json, summary.md and the figure from the tidy table; returns the summary."""
     results, figures = Path(results), Path(figures)
@@ -445,6 +479,7 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         markdown_table(corr, floatfmt=".3g"), "",
         f"Balanced LoRA space vs merged space, all LoRA runs: ρ = {_fmt(main['rho'])} "
         f"[{_fmt(main['low'])}, {_fmt(main['high'])}], n = {int(main['n'])}.", "",
+        "## Findings (sentences made from the tables below)", "", *findings(corr, mismatch, effects, table), "",
         "## Runs flat in one space and sharp in the other", "",
         "(λ₁ below the median in one space, in the top quartile in the other, among the LoRA runs)", "",
         *[f"- {k}: {', '.join(v) if v else 'none'}" for k, v in mismatch.items()], "",
