@@ -138,7 +138,9 @@ def test_r8_task_loads():
 
 
 def test_tiny_t5_trains_and_generates():
-    model, metrics = run(TrainConfig(task="tiny-t5-repeat", method="lora", steps=200), progress=False)
+    """100 steps (measured, seed 0: accuracy 0.84 at 50 steps, 0.99 at 60, 1.0 at 100; the final loss
+    0.001 of the first at 100)."""
+    model, metrics = run(TrainConfig(task="tiny-t5-repeat", method="lora", steps=100), progress=False)
     assert metrics["train_loss"][-1] < 0.2 * metrics["train_loss"][0]
     task = get_task("tiny-t5-repeat")
     assert task.generate(model, ["repeat: tiger", "repeat: ocean"]) == ["tiger tiger", "ocean ocean"]
