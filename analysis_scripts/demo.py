@@ -23,7 +23,7 @@ from landscape.study.report import markdown_table
 from landscape.study.suite import ProbeSettings
 
 METHODS = ("lora", "flat-lora")
-SETTINGS = ProbeSettings(spaces=("lora", "merged"), sigmas=(0.05,), noise_max_samples=8, rhos=(0.05,),
+SETTINGS = ProbeSettings(spaces=("lora-balanced", "merged"), sigmas=(0.05,), noise_max_samples=8, rhos=(0.05,),
                          worst_case_steps=1, num_directions=2, alphas=9)
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     out = Path(a.out)
     metrics = {m: train_or_reuse(m, a.steps, out / m) for m in METHODS}
     if distributed.is_main():
-        print("[demo] probing both runs in the lora and merged spaces (32 validation examples)", flush=True)
+        print("[demo] probing both runs in the balanced LoRA and merged spaces (32 validation examples)", flush=True)
     probes, curves = probe_runs([out / m for m in METHODS], out / "probes.csv", SETTINGS, "validation", 32, 32,
                                 progress=True)
     if not distributed.is_main():  # under torchrun: rank 0 writes and prints

@@ -95,3 +95,26 @@ def test_gauge_imbalance_is_one_at_peft_init_and_zero_balanced():
 def test_balanced_copy_of_a_model_without_lora_raises():
     with pytest.raises(UnsupportedAdapterError, match="no active LoRA layer"):
         balanced_copy(nn.Linear(3, 2))
+
+
+def test_the_probe_suite_probes_the_lora_space_in_the_balanced_gauge(linear_lora):
+    """probe_model's ``lora-balanced`` rows are the same for every gauge (A·c, B/c) — λ₁ equal to the
+    dense balanced Hessian's — while its ``lora`` (as trained) rows change with c; the model is not
+    written; the worst case comes with its first-order term ρ‖∇L‖."""
+    from landscape.study.suite import ProbeSettings, probe_model
+
+    model, loss = linear_lora.double(), Loss(_data())
+    settings = ProbeSettings(spaces=("lora-balanced", "lora"), eig_tol=1e-8, sigmas=(0.05,), noise_max_samples=2,
+                             noise_min_samples=2, num_directions=1, alphas=3, rhos=(0.05,), worst_case_steps=1)
+    eig = {}
+    for c in (0.5, 2.0):
+        m = _rescaled(model, c)
+        before = {n: p.clone() for n, p in m.state_dict().items()}
+        rows, _ = probe_model(m, loss, settings)
+        assert all(torch.equal(before[n], p) for n, p in m.state_dict().items())
+        eig[c] = rows[rows["measure"] == "eigenvalue"].set_index("space")["value"]
+        worst = rows.set_index(["space", "measure"])["value"]
+        assert worst[("lora", "worst_case")] == pytest.approx(worst[("lora", "worst_case_first_order")], rel=0.05)
+    assert eig[0.5]["lora-balanced"] == pytest.approx(eig[2.0]["lora-balanced"], rel=1e-6)
+    assert eig[0.5]["lora-balanced"] == pytest.approx(_lambda_max(balanced_copy(model), loss), rel=1e-6)
+    assert abs(eig[0.5]["lora"] / eig[2.0]["lora"] - 1) > 0.1

@@ -30,7 +30,7 @@ def _present(values: Sequence[str], order: Sequence[str]) -> list[str]:
 
 
 METHOD_ORDER = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full", "asam-lora", "asam-full", "sam")
-SPACE_ORDER = ("lora", "merged", "tangent", "normal", "all")
+SPACE_ORDER = ("lora-balanced", "lora", "merged", "tangent", "normal", "all")
 
 
 def fig_lines(curves: pd.DataFrame, *, spaces: Optional[Sequence[str]] = None,

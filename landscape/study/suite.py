@@ -7,9 +7,17 @@ paired), in each space:
 * ``trace``        — Tr H by XTrace with its standard error (skipped when ``trace_samples = 0``);
 * ``expected_loss`` — ΔL(σ) = E_ε L(θ + ε) − L(θ) under Flat-LoRA's filter noise, per σ, with a
   t-interval (the same noise draws for every run: common random numbers);
-* ``worst_case``   — max over ‖δ‖ ≤ ρ of L(θ + δ) − L(θ) by k ascent steps, per ρ;
+* ``worst_case``   — max over ‖δ‖ ≤ ρ of L(θ + δ) − L(θ) by k ascent steps, per ρ, and beside it
+  ``worst_case_first_order`` = ρ‖∇L‖, its first-order term: where the two are close, the worst
+  case measures the slope of a point that is not a minimum, not its curvature (issue 14.4);
 * ``line``         — L(θ + α d) − L(θ) along K filter-normalized directions (mean over directions
   at the largest |α|, and the full curves returned separately).
+
+Spaces are the library's (:data:`landscape.space.SPACES`) and ``lora-balanced``: the LoRA space of
+the same function in the balanced gauge (:func:`landscape.gauge.balanced_copy`, BᵀB = AAᵀ). The
+LoRA space as trained depends on the (A·c, B/c) gauge that training happened to leave, so sharpness
+there compares gauges as much as flatness; ``lora-balanced`` is the suite's default LoRA space, and
+``lora`` (as trained) is there as a caveat only.
 
 A model trained without LoRA (full fine-tuning) has no LoRA, tangent or normal space; its ``merged``
 space is the set of weights LoRA adapts in the other runs (same names, same shapes), so that
@@ -26,6 +34,7 @@ import pandas as pd
 from torch import nn
 
 from ..curves import loss_line
+from ..gauge import balanced_copy
 from ..hessian.spectrum import hessian_eigenvalues
 from ..hessian.trace import hessian_trace
 from ..loss import Loss
@@ -33,9 +42,12 @@ from ..noise import expected_loss
 from ..space import SPACES, Space, space
 from ..worst_case import worst_case_sharpness
 
-__all__ = ["ProbeSettings", "probe_model", "probe_spaces", "positive_int"]
+__all__ = ["ProbeSettings", "probe_model", "probe_spaces", "positive_int", "SUITE_SPACES", "DEFAULT_SPACES"]
 
-LORA_SPACES = ("lora", "merged", "tangent", "normal")
+BALANCED = "lora-balanced"
+SUITE_SPACES = (BALANCED, *SPACES)
+DEFAULT_SPACES = (BALANCED, "merged", "tangent", "normal")
+LORA_SPACES = ("lora", BALANCED, "merged", "tangent", "normal")
 
 
 def positive_int(text: str) -> int:
@@ -53,7 +65,7 @@ positive_int.__name__ = "integer >= 1"  # what argparse's message calls the type
 class ProbeSettings:
     """What :func:`probe_model` measures, and how hard it tries."""
 
-    spaces: Sequence[str] = ("lora", "merged", "tangent", "normal")
+    spaces: Sequence[str] = DEFAULT_SPACES
     eig_k: int = 1
     eig_tol: float = 1e-3
     trace_samples: int = 0
@@ -71,9 +83,9 @@ class ProbeSettings:
 
     def __post_init__(self):
         """Check every setting before any work (a ValueError naming the setting and its range)."""
-        unknown = [sp for sp in self.spaces if sp not in SPACES]
+        unknown = [sp for sp in self.spaces if sp not in SUITE_SPACES]
         if unknown or not self.spaces:
-            raise ValueError(f"spaces {unknown or '(none)'}: choose among {list(SPACES)}")
+            raise ValueError(f"spaces {unknown or '(none)'}: choose among {list(SUITE_SPACES)}")
         for name in ("eig_k", "noise_max_samples", "noise_min_samples", "num_directions", "alphas"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -95,10 +107,11 @@ class ProbeSettings:
     def add_arguments(parser, **defaults) -> None:
         """The settings (and the probe data: split, examples, batch size) as command-line options;
         ``defaults`` overrides the standard ones (the study's are cheaper)."""
-        d = {"spaces": ["lora", "merged", "tangent", "normal"], "examples": 64, "sigmas": [0.02, 0.05, 0.1],
+        d = {"spaces": list(DEFAULT_SPACES), "examples": 64, "sigmas": [0.02, 0.05, 0.1],
              "noise_samples": 16, "directions": 3, "alphas": 11, "eig_tol": 1e-3, **defaults}
-        parser.add_argument("--spaces", nargs="+", default=d["spaces"], choices=SPACES, metavar="SPACE",
-                            help=f"spaces to probe, among {', '.join(SPACES)}")
+        parser.add_argument("--spaces", nargs="+", default=d["spaces"], choices=SUITE_SPACES, metavar="SPACE",
+                            help=f"spaces to probe, among {', '.join(SUITE_SPACES)} ({BALANCED}: the LoRA space "
+                                 "in the balanced gauge; lora: as trained, gauge-dependent)")
         parser.add_argument("--split", default="validation", choices=("train", "validation", "test"),
                             help="split whose first --examples examples are probed")
         parser.add_argument("--examples", type=positive_int, default=d["examples"],
@@ -124,9 +137,11 @@ class ProbeSettings:
 
 
 def probe_spaces(model: nn.Module, kinds: Sequence[str], lora_targets: Optional[Sequence[str]],
-                 include_trainable: bool = False) -> dict[str, Space]:
-    """The spaces to probe. Without LoRA layers, ``merged`` becomes the weights of ``lora_targets``
-    (a custom space) and the LoRA-only spaces are left out."""
+                 include_trainable: bool = False) -> dict[str, tuple[nn.Module, Space]]:
+    """The spaces to probe, each with the model to probe it on: ``lora-balanced`` is the ``lora``
+    space of a balanced copy of the model (built once), every other space the model's own. Without
+    LoRA layers, ``merged`` becomes the weights of ``lora_targets`` (a custom space) and the LoRA-only
+    spaces are left out."""
     from flatlora import UnsupportedAdapterError, lora_layers
 
     try:
@@ -134,13 +149,16 @@ def probe_spaces(model: nn.Module, kinds: Sequence[str], lora_targets: Optional[
         has_lora = True
     except UnsupportedAdapterError:
         has_lora = False
+    balanced = balanced_copy(model) if has_lora and BALANCED in kinds else None
     spaces = {}
     for kind in kinds:
-        if has_lora or kind not in LORA_SPACES:
-            spaces[kind] = space(model, kind, include_trainable=include_trainable and kind in LORA_SPACES)
+        if kind == BALANCED and balanced is not None:
+            spaces[kind] = (balanced, space(balanced, "lora", include_trainable=include_trainable))
+        elif has_lora or kind not in LORA_SPACES:
+            spaces[kind] = (model, space(model, kind, include_trainable=include_trainable and kind in LORA_SPACES))
         elif kind == "merged" and lora_targets:
             suffixes = tuple(f".{t}.weight" for t in lora_targets)
-            spaces[kind] = space(model, lambda name, p, s=suffixes: ("." + name).endswith(s))
+            spaces[kind] = (model, space(model, lambda name, p, s=suffixes: ("." + name).endswith(s)))
     return spaces
 
 
@@ -159,25 +177,27 @@ def probe_model(model: nn.Module, loss: Loss, settings: ProbeSettings = ProbeSet
     eigenvalue rank or α), value, err (a standard error or an interval half-width), seconds."""
     s = settings
     rows, curves = [], []
-    for name, sp in probe_spaces(model, s.spaces, lora_targets, s.include_trainable).items():
+    for name, (probed, sp) in probe_spaces(model, s.spaces, lora_targets, s.include_trainable).items():
         t0 = time.perf_counter()
-        eig = hessian_eigenvalues(model, loss, sp, k=s.eig_k, tol=s.eig_tol, seed=s.seed, progress=progress)
+        eig = hessian_eigenvalues(probed, loss, sp, k=s.eig_k, tol=s.eig_tol, seed=s.seed, progress=progress)
         rows += [{"space": name, "measure": "eigenvalue", "x": i + 1, "value": float(v), "err": np.nan,
                   "seconds": eig.seconds, "num_hvp": eig.num_hvp} for i, v in enumerate(eig.eigenvalues)]
         if s.trace_samples:
-            tr = hessian_trace(model, loss, sp, num_samples=s.trace_samples, seed=s.seed, progress=progress)
+            tr = hessian_trace(probed, loss, sp, num_samples=s.trace_samples, seed=s.seed, progress=progress)
             rows.append({"space": name, "measure": "trace", "x": np.nan, "value": tr.estimate, "err": tr.stderr,
                          "seconds": tr.seconds, "num_hvp": tr.num_hvp})
         t1 = time.perf_counter()
-        noise = expected_loss(model, loss, space=sp, sigmas=list(s.sigmas), noise="filter", seed=s.seed,
+        noise = expected_loss(probed, loss, space=sp, sigmas=list(s.sigmas), noise="filter", seed=s.seed,
                               max_samples=s.noise_max_samples, min_samples=s.noise_min_samples, progress=progress)
         rows += _rows(noise, name, "expected_loss", "sigma", "delta_loss", "half_width",
                       {"seconds": time.perf_counter() - t1})
         t1 = time.perf_counter()
-        worst = worst_case_sharpness(model, loss, space=sp, rho=list(s.rhos), steps=s.worst_case_steps)
+        worst = worst_case_sharpness(probed, loss, space=sp, rho=list(s.rhos), steps=s.worst_case_steps)
         rows += _rows(worst, name, "worst_case", "rho", "sharpness", None, {"seconds": time.perf_counter() - t1})
+        rows += _rows(worst.assign(first_order=worst["rho"] * worst["grad_norm"]), name, "worst_case_first_order", "rho",
+                      "first_order")
         t1 = time.perf_counter()
-        line = loss_line(model, loss, space=sp, alphas=s.alphas, span=s.span, num_directions=s.num_directions,
+        line = loss_line(probed, loss, space=sp, alphas=s.alphas, span=s.span, num_directions=s.num_directions,
                          seed=s.seed, progress=progress)
         base = float(line.loc[line["alpha"] == 0, "loss"].mean())
         line = line.assign(delta_loss=line["loss"] - base, space=name)
