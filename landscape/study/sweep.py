@@ -1,0 +1,144 @@
+"""Each method shown to work in its own space before the comparison (issue 14.2), on MiniLM with the
+reference recipe's LoRA on every linear layer (14.3): the sweep that chooses the long runs' settings.
+
+Every setting of :data:`landscape.study.exact.SETTINGS` but full fine-tuning — LoRA; Flat-LoRA σ
+0.05 / 0.1 / 0.2 with the cosine and the constant schedule; SAM on A, B ρ 0.003 / 0.01 / 0.03 / 0.1;
+SAM on W ρ 0.01 / 0.05 / 0.1 — × seeds is trained on a text task (``lora_targets="all-linear"``,
+:data:`flatlora.tasks.text.ALL_LINEAR`) at a short length and one learning rate in the reference
+range (Li et al. use 1e-4 – 5e-4). For each run:
+
+* validation accuracy (the selection criterion; test accuracy is recorded, not used);
+* λ₁ of the loss on the first ``examples`` validation examples, by Lanczos, in the method's **own
+  space** — the LoRA space in the balanced gauge for LoRA, Flat-LoRA and SAM on A, B; the merged
+  space for SAM on W — and in the merged space for every run. Each run's λ₁ is a resumable part
+  (:class:`landscape.results.PartFiles`) keyed by the run's files and the probe settings.
+
+:func:`summarize` gives, per setting, the medians over seeds and the ratio of own-space λ₁ to plain
+LoRA's in the same space with the same seed; :func:`choose` picks, per method, the setting with the
+best validation accuracy and the setting that flattens its own space most — the comparison uses both,
+so that "flat in the LoRA space" has instances that are flat there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from flatlora import load_run
+from flatlora.io import atomic_write_text, read_json
+
+from ..hessian import hessian_eigenvalues
+from ..loss import Loss
+from ..results import PartFiles
+from .exact import SETTINGS, Setting, run_path, train_runs
+from .pipeline import run_fingerprint
+from .report import markdown_table
+from .suite import BALANCED, probe_spaces
+
+__all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "sweep_table", "summarize", "choose",
+           "write_sweep_report", "TASK", "STEPS", "LR", "EXAMPLES"]
+
+TASK = "rt-minilm"
+STEPS = 300  # a short length, to choose settings; the long runs train ≥ 2 epochs
+LR = 5e-4  # the top of the reference range (1e-4 – 5e-4): the most change in a short run
+EXAMPLES = 128  # validation examples of each λ₁ (issue 14.4: 32 varied more between slices than between seeds)
+EIG_TOL = 1e-2
+SWEEP_SETTINGS = tuple(s for s in SETTINGS if s.method != "full-ft")
+
+
+def own_space(method: str) -> str:
+    """The space a method flattens by design: merged for SAM on W, the balanced LoRA space otherwise."""
+    return "merged" if method == "sam-full" else BALANCED
+
+
+ALL_LINEAR_OPTIONS = {"lora_targets": "all-linear"}
+
+
+def train_sweep(out: Path, settings: Sequence[Setting] = SWEEP_SETTINGS, seeds: Sequence[int] = (0,), *,
+                task: str = TASK, steps: int = STEPS, lr: float = LR, task_options: Optional[dict] = None,
+                progress: bool = True) -> None:
+    """Train every setting × seed at ``lr`` with the task's ``task_options`` (default: LoRA on every
+    linear layer), resumable (:func:`landscape.study.exact.train_runs`)."""
+    options = ALL_LINEAR_OPTIONS if task_options is None else task_options
+    train_runs(out, settings, seeds, steps, progress=progress, task=task, lr=lr, task_options=options)
+
+
+def _lambda_max(run: Path, examples: int, batch_size: int, tol: float) -> dict[str, pd.DataFrame]:
+    model, task, cfg = load_run(run)
+    loss = Loss(task.batches("validation", batch_size, limit=examples))
+    rows = []
+    for name, (probed, sp) in probe_spaces(model, (BALANCED, "merged"), task.lora_targets).items():
+        eig = hessian_eigenvalues(probed, loss, sp, k=1, tol=tol, seed=0, progress=False)
+        rows.append({"space": name, "lambda_max": float(eig.eigenvalues[0]), "num_hvp": eig.num_hvp,
+                     "seconds": eig.seconds})
+    return {"eigenvalues": pd.DataFrame(rows)}
+
+
+def sweep_table(out: Path, settings: Sequence[Setting] = SWEEP_SETTINGS, seeds: Sequence[int] = (0,), *,
+                task: str = TASK, examples: int = EXAMPLES, batch_size: int = 32, tol: float = EIG_TOL) -> pd.DataFrame:
+    """One row per finished run: setting, method, seed, validation and test accuracy, wall time, and
+    λ₁ in the balanced LoRA and merged spaces (computed, or reused from OUT/TASK/sweep-parts when the
+    run's files and these settings match)."""
+    parts = PartFiles(Path(out) / task / "sweep-parts", names=("eigenvalues",))
+    rows = []
+    for setting in settings:
+        for seed in seeds:
+            d = run_path(out, setting, seed, task)
+            if not (d / "metrics.json").exists():
+                continue
+            fingerprint = {"files": run_fingerprint(d), "split": "validation", "examples": examples,
+                           "batch_size": batch_size, "tol": tol}
+            eig = parts.get(d.name, fingerprint, lambda d=d: _lambda_max(d, examples, batch_size, tol))["eigenvalues"]
+            metrics = read_json(d / "metrics.json")
+            lam = eig.set_index("space")["lambda_max"]
+            rows.append({"setting": setting.name, "method": setting.method, "seed": seed,
+                         "val_accuracy": metrics["validation"]["accuracy"], "test_accuracy": metrics["accuracy"],
+                         "wall_time_s": metrics["wall_time_s"], "own_space": own_space(setting.method),
+                         "lambda_own": float(lam[own_space(setting.method)]),
+                         **{f"lambda_{sp}": float(v) for sp, v in lam.items()}})
+    return pd.DataFrame(rows)
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: seeds, mean validation accuracy, median own-space and merged λ₁, and the geometric
+    mean over seeds of own-space λ₁ / plain LoRA's λ₁ in that space with the same seed."""
+    lora = table[table["method"] == "lora"].set_index("seed")
+    rows = []
+    for setting, g in table.groupby("setting", sort=False):
+        sp = g["own_space"].iloc[0]
+        base = lora[f"lambda_{sp}"].reindex(g["seed"]).to_numpy() if len(lora) else np.full(len(g), np.nan)
+        ratio = g["lambda_own"].to_numpy() / base
+        rows.append({"setting": setting, "method": g["method"].iloc[0], "seeds": len(g),
+                     "val_accuracy": g["val_accuracy"].mean(), "own_space": sp,
+                     "lambda_own": g["lambda_own"].median(), "lambda_merged": g["lambda_merged"].median(),
+                     "own_ratio_to_lora": float(np.exp(np.nanmean(np.log(ratio)))) if np.isfinite(ratio).any() else np.nan})
+    return pd.DataFrame(rows)
+
+
+def choose(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per method (plain LoRA aside): the setting with the best validation accuracy and the setting
+    with the lowest own-space λ₁ relative to LoRA's."""
+    rows = []
+    for method, g in summary[summary["method"] != "lora"].groupby("method", sort=False):
+        rows.append({"method": method, "best_validation": g.loc[g["val_accuracy"].idxmax(), "setting"],
+                     "flattest_own_space": g.loc[g["own_ratio_to_lora"].idxmin(), "setting"]
+                     if g["own_ratio_to_lora"].notna().any() else "—"})
+    return pd.DataFrame(rows)
+
+
+def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.DataFrame:
+    """sweep.csv (the runs), summary.md (per setting, and the choice per method) in ``results``;
+    returns the choice."""
+    results = Path(results)
+    summary = summarize(table)
+    chosen = choose(summary)
+    atomic_write_text(results / "sweep.csv", table.to_csv(index=False))
+    lines = [f"# The settings sweep: {table['setting'].nunique()} settings × {table['seed'].nunique()} seed(s)", "",
+             f"Made by `{command}` from `sweep.csv`.", "",
+             "## Per setting (accuracy: mean; λ₁: median over seeds; ratio: geometric mean of own-space λ₁ over "
+             "LoRA's with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
+             "## The settings the comparison uses", "", markdown_table(chosen)]
+    atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
+    return chosen
