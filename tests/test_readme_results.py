@@ -25,7 +25,7 @@ def test_readme_quotes_the_results_files(task, name):
 
 
 EXACT = ROOT / "results" / "study" / "digits-exact" / "summary.md"
-EXACT_SECTION = "### Study v2, first results: digits-mlp with exact spectra"
+EXACT_SECTION = "### Study v2: digits-mlp with exact spectra"
 
 
 def _exact_section() -> str:
