@@ -12,18 +12,26 @@ validation accuracy and the one that flattens its own space most.
 Stages (each resumable — finished runs and per-run λ₁ are reused):
 
 1. ``train``  — OUT/TASK/SETTING-sSEED/;
-2. ``report`` — λ₁ per run (a part in OUT/TASK/sweep-parts/), then RESULTS/sweep.csv and RESULTS/summary.md.
+2. ``noise``  — on the finished plain-LoRA run of the first seed, the gradient change from one draw of
+   Flat-LoRA's noise at each swept σ against the change from one mini-batch to the next
+   (landscape.study.noise_check) → RESULTS/noise_check.csv;
+3. ``report`` — λ₁ per run (a part in OUT/TASK/sweep-parts/), then RESULTS/sweep.csv and RESULTS/summary.md.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from flatlora import load_run
 from flatlora.cli import ArgumentParser, fail
+from flatlora.io import atomic_write_text
+from flatlora.training import micro_batches
 from landscape.study import sweep
-from landscape.study.exact import ExactStudyError, select_settings
+from landscape.study.exact import ExactStudyError, Setting, run_path, select_settings
+from landscape.study.noise_check import noise_gradient_effect
 
-STAGES = ("train", "report")
+STAGES = ("train", "noise", "report")
+NOISE_BATCHES = 8
 
 
 def parse_args(argv=None):
@@ -62,6 +70,17 @@ def main(argv=None) -> int:
         if "train" in a.stage:
             sweep.train_sweep(Path(a.out), settings, a.seeds, task=a.task, steps=a.steps, lr=a.lr,
                               progress=not a.no_progress)
+        if "noise" in a.stage:
+            run = run_path(Path(a.out), Setting("lora"), a.seeds[0], a.task)
+            if not (run / "metrics.json").exists():
+                fail(f"the noise check runs on the finished plain-LoRA run {run}: run --stage train first")
+            model, task, cfg = load_run(run)
+            batch_at = micro_batches(task, cfg["batch_size"], seed=a.seeds[0])
+            sigmas = sorted({s.sigma for s in sweep.SWEEP_SETTINGS if s.sigma is not None})
+            rows = noise_gradient_effect(model, [batch_at(k) for k in range(NOISE_BATCHES)], sigmas, loss_fn=task.loss)
+            results.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(results / "noise_check.csv", rows.to_csv(index=False))
+            print(rows.groupby("sigma")[["noise_change", "batch_change", "noise_cosine", "batch_cosine"]].mean())
         if "report" in a.stage:
             table = sweep.sweep_table(Path(a.out), settings, a.seeds, task=a.task, examples=a.examples)
             if table.empty:

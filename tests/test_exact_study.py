@@ -3,8 +3,6 @@ tangent / normal spaces, restricted spectra equal to the library's dense tangent
 table, resumable parts, the statistics and the script. The study runs on a smaller digits model
 (hidden 6, LoRA r = 2) so that its dense Hessians take seconds."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,10 @@ import torch
 from landscape import Loss, SpaceError, dense_hessian, space
 from landscape.study import exact
 from landscape.study.exact import Setting
+from helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "analysis_scripts" / "exact_study.py"
-
-
-def run_script(path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
 
 
 SEEDS = (0, 1, 2)

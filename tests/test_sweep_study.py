@@ -1,6 +1,6 @@
 """The settings sweep (landscape.study.sweep) on digits-mlp: each run's λ₁ in its own space (the
 balanced LoRA space, or merged for SAM on W) and in the merged space, resumable parts, the summary
-against LoRA with the same seed, and the choice per method."""
+against LoRA with the same seed, and the choice per method; the check that Flat-LoRA's noise moves the gradient (noise_check)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,3 +55,27 @@ def test_summary_ratios_pair_seeds_and_choose_picks_per_method(swept, tmp_path):
     assert chosen.loc["sam-lora", "best_validation"] == sam["val_accuracy"].idxmax()
     assert chosen.loc["sam-lora", "flattest_own_space"] == sam["own_ratio_to_lora"].idxmin()
     assert (tmp_path / "sweep.csv").exists() and "## The settings the comparison uses" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_noise_check_measures_the_gradient_change_of_one_draw(linear_lora):
+    """On a small LoRA model: the noise change grows with σ, linearly at small σ; the batch change
+    does not depend on σ and equals the one computed here; the model is left bit for bit."""
+    import torch
+
+    from flatlora import batch_loss
+    from landscape.study.noise_check import noise_gradient_effect
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(3)]
+    before = {n: p.clone() for n, p in linear_lora.state_dict().items()}
+    rows = noise_gradient_effect(linear_lora, batches, [0.01, 0.02, 0.2])
+    assert all(torch.equal(before[n], p) for n, p in linear_lora.state_dict().items())
+    change = rows.groupby("sigma")["noise_change"].mean()
+    assert change[0.01] < change[0.02] < change[0.2] and change[0.02] / change[0.01] == pytest.approx(2, rel=0.1)
+    assert rows.groupby("batch")["batch_change"].nunique().eq(1).all()
+    params = [p for p in linear_lora.parameters() if p.requires_grad]
+    grads = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(batch_loss(linear_lora.eval(), b), params)])
+             for b in batches]
+    assert rows.loc[0, "batch_change"] == pytest.approx(float((grads[1] - grads[0]).norm() / grads[0].norm()), rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        noise_gradient_effect(linear_lora, batches[:1], [0.1])
