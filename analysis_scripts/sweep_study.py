@@ -14,7 +14,8 @@ Stages (each resumable — finished runs and per-run λ₁ are reused):
 1. ``train``  — OUT/TASK/SETTING-sSEED/;
 2. ``noise``  — on the finished plain-LoRA run of the first seed, the gradient change from one draw of
    Flat-LoRA's noise at each swept σ against the change from one mini-batch to the next
-   (landscape.study.noise_check) → RESULTS/noise_check.csv;
+   (landscape.study.noise_check) → RESULTS/noise_check.csv, and noise_check.json (the command, the
+   run and the content hashes of its files);
 3. ``report`` — λ₁ per run (a part in OUT/TASK/sweep-parts/), then RESULTS/sweep.csv and RESULTS/summary.md.
 """
 from __future__ import annotations
@@ -24,11 +25,12 @@ from pathlib import Path
 
 from flatlora import load_run
 from flatlora.cli import ArgumentParser, fail
-from flatlora.io import atomic_write_text
+from flatlora.io import atomic_write_json, atomic_write_text
 from flatlora.training import micro_batches
 from landscape.study import sweep
 from landscape.study.exact import ExactStudyError, Setting, run_path, select_settings
 from landscape.study.noise_check import noise_gradient_effect
+from landscape.study.pipeline import run_fingerprint
 
 STAGES = ("train", "noise", "report")
 NOISE_BATCHES = 8
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
             rows = noise_gradient_effect(model, [batch_at(k) for k in range(NOISE_BATCHES)], sigmas, loss_fn=task.loss)
             results.mkdir(parents=True, exist_ok=True)
             atomic_write_text(results / "noise_check.csv", rows.to_csv(index=False))
+            atomic_write_json(results / "noise_check.json", {"command": command.strip(), "run": run.name,
+                                                             "run_files": run_fingerprint(run), "batches": NOISE_BATCHES,
+                                                             "batch_size": cfg["batch_size"], "sigmas": sigmas})
             print(rows.groupby("sigma")[["noise_change", "batch_change", "noise_cosine", "batch_cosine"]].mean())
         if "report" in a.stage:
             table = sweep.sweep_table(Path(a.out), settings, a.seeds, task=a.task, examples=a.examples)

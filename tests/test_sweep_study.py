@@ -73,9 +73,15 @@ def test_the_noise_check_measures_the_gradient_change_of_one_draw(linear_lora):
     change = rows.groupby("sigma")["noise_change"].mean()
     assert change[0.01] < change[0.02] < change[0.2] and change[0.02] / change[0.01] == pytest.approx(2, rel=0.1)
     assert rows.groupby("batch")["batch_change"].nunique().eq(1).all()
-    params = [p for p in linear_lora.parameters() if p.requires_grad]
+    from flatlora import lora_layers
+
+    params = [p for v in lora_layers(linear_lora) for p in (v.lora_A_param, v.lora_B_param)]
     grads = [torch.cat([t.reshape(-1) for t in torch.autograd.grad(batch_loss(linear_lora.eval(), b), params)])
              for b in batches]
     assert rows.loc[0, "batch_change"] == pytest.approx(float((grads[1] - grads[0]).norm() / grads[0].norm()), rel=1e-5)
     with pytest.raises(ValueError, match="at least 2 batches"):
         noise_gradient_effect(linear_lora, batches[:1], [0.1])
+    linear_lora.requires_grad_(False)  # as load_run returns a run: the factors are found all the same
+    frozen = noise_gradient_effect(linear_lora, batches, [0.01, 0.02, 0.2])
+    pd.testing.assert_frame_equal(frozen, rows)
+    assert not any(p.requires_grad for p in linear_lora.parameters())

@@ -3,8 +3,9 @@
 
 Flat-LoRA trains on ∇L_b(W + s·B·A + ε) with ε ~ filter noise of scale σ (Li et al., ICML 2025). If
 one draw of ε changes the gradient far less than drawing another mini-batch does, the noise is
-drowned by SGD's own and cannot steer training. For batches b₁ … b_K (b_{K+1} = b₁) and the
-trainable parameters (A, B and what else trains), with g(b) = ∇L_b at the model as it is:
+drowned by SGD's own and cannot steer training. For batches b₁ … b_K (b_{K+1} = b₁) and the LoRA
+factors A, B of every layer (what the noise acts through; a loaded run's frozen factors included),
+with g(b) = ∇L_b at the model as it is:
 
 * ``noise_change``  = ‖g_ε(b) − g(b)‖ / ‖g(b)‖, g_ε the gradient under one draw of ε at σ;
 * ``batch_change``  = ‖g(b_{k+1}) − g(b_k)‖ / ‖g(b_k)‖;
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from flatlora import FlatLoRA, batch_loss
+from flatlora import FlatLoRA, batch_loss, lora_layers
 
 __all__ = ["noise_gradient_effect"]
 
@@ -40,10 +41,13 @@ def noise_gradient_effect(model: nn.Module, batches: Sequence[Any], sigmas: Sequ
         raise ValueError(f"noise_gradient_effect needs at least 2 batches to compare batch to batch, got {len(batches)}")
     if not sigmas or any(not s > 0 for s in sigmas):
         raise ValueError(f"sigmas must be > 0, got {list(sigmas)}")
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for v in lora_layers(model) for p in (v.lora_A_param, v.lora_B_param)]
+    flags = [p.requires_grad for p in params]
     was_training = model.training
     model.eval()
     try:
+        for p in params:
+            p.requires_grad_(True)
         clean = [_gradient(model, params, loss_fn, b) for b in batches]
         rows = []
         for sigma in sigmas:
@@ -60,3 +64,5 @@ def noise_gradient_effect(model: nn.Module, batches: Sequence[Any], sigmas: Sequ
         return pd.DataFrame(rows)
     finally:
         model.train(was_training)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
