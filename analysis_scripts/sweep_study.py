@@ -23,17 +23,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flatlora import load_run
 from flatlora.cli import ArgumentParser, fail
-from flatlora.io import atomic_write_json, atomic_write_text
-from flatlora.training import micro_batches
 from landscape.study import sweep
-from landscape.study.exact import ExactStudyError, Setting, run_path, select_settings
-from landscape.study.noise_check import noise_gradient_effect
-from landscape.study.pipeline import run_fingerprint
+from landscape.study.exact import ExactStudyError, select_settings
 
 STAGES = ("train", "noise", "report")
-NOISE_BATCHES = 8
 
 
 def parse_args(argv=None):
@@ -73,25 +67,14 @@ def main(argv=None) -> int:
             sweep.train_sweep(Path(a.out), settings, a.seeds, task=a.task, steps=a.steps, lr=a.lr,
                               progress=not a.no_progress)
         if "noise" in a.stage:
-            run = run_path(Path(a.out), Setting("lora"), a.seeds[0], a.task)
-            if not (run / "metrics.json").exists():
-                fail(f"the noise check runs on the finished plain-LoRA run {run}: run --stage train first")
-            model, task, cfg = load_run(run)
-            batch_at = micro_batches(task, cfg["batch_size"], seed=a.seeds[0])
-            sigmas = sorted({s.sigma for s in sweep.SWEEP_SETTINGS if s.sigma is not None})
-            rows = noise_gradient_effect(model, [batch_at(k) for k in range(NOISE_BATCHES)], sigmas, loss_fn=task.loss)
-            results.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(results / "noise_check.csv", rows.to_csv(index=False))
-            atomic_write_json(results / "noise_check.json", {"command": command.strip(), "run": run.name,
-                                                             "run_files": run_fingerprint(run), "batches": NOISE_BATCHES,
-                                                             "batch_size": cfg["batch_size"], "sigmas": sigmas})
+            rows = sweep.noise_check(Path(a.out), results, command.strip(), seed=a.seeds[0], task=a.task)
             print(rows.groupby("sigma")[["noise_change", "batch_change", "noise_cosine", "batch_cosine"]].mean())
         if "report" in a.stage:
             table = sweep.sweep_table(Path(a.out), settings, a.seeds, task=a.task, examples=a.examples)
             if table.empty:
                 fail(f"no finished runs in {a.out}/{a.task}: run --stage train first")
             print(sweep.write_sweep_report(table, results, command.strip()).to_string(index=False))
-    except ExactStudyError as e:
+    except (ExactStudyError, FileNotFoundError) as e:
         fail(str(e))
     return 0
 

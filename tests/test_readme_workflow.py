@@ -95,17 +95,15 @@ def block_commands(block: str) -> list[list[str]]:
     return [shlex.split(os.path.expandvars(line)) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def run_command(argv: list[str]) -> int:
-    """``argv`` as its console script runs it: ``sys.exit(main())`` with ``sys.argv`` = argv."""
+def run_command(argv: list[str]) -> subprocess.CompletedProcess:
+    """``argv`` as its console script runs it: the module its entry point names, run as ``__main__``
+    (``sys.exit(main())``) with the command's arguments (helpers.run_script)."""
+    import importlib.util
+
+    from helpers import run_script
+
     assert argv[0] in COMMANDS, f"{argv[0]!r} is not one of the project's commands {sorted(COMMANDS)}"
-    main = COMMANDS[argv[0]].load()
-    saved, sys.argv = sys.argv, argv
-    try:
-        return main() or 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = saved
+    return run_script(importlib.util.find_spec(COMMANDS[argv[0]].module).origin, *argv[1:])
 
 
 def test_the_console_commands_are_installed_and_start(workspace):
@@ -119,18 +117,19 @@ def test_the_console_commands_are_installed_and_start(workspace):
 
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["digits", "csv-minilm", "adapter-csv"])
-def test_readme_workflow_runs_verbatim(workspace, index, monkeypatch, shared_digits_pretraining, capsys):
+def test_readme_workflow_runs_verbatim(workspace, index, monkeypatch, shared_digits_pretraining):
     folder, env = workspace
     block = section_blocks()[index]
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MODEL", env["MODEL"])
     for argv in block_commands(block):
-        assert run_command(argv) == 0, f"{shlex.join(argv)} failed:\n{capsys.readouterr().err[-3000:]}"
+        r = run_command(argv)
+        assert r.returncode == 0, f"{shlex.join(argv)} failed:\n{r.stderr[-3000:]}"
     probes = re.search(r"--out (\S+probes\.csv)", block).group(1)
     frame = pd.read_csv(folder / probes)
     assert (frame["measure"] == "eigenvalue").any()
     figures = re.findall(r"flatlora-figures .*--out (\S+)", block)[0]
-    assert list((folder / figures).glob("*-lines.png")), capsys.readouterr().err[-2000:]
+    assert list((folder / figures).glob("*-lines.png")), r.stderr[-2000:]
 
 
 def test_an_adapter_on_the_wrong_base_model_is_a_clear_error(workspace, tmp_path):

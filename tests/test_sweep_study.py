@@ -49,12 +49,28 @@ def test_summary_ratios_pair_seeds_and_choose_picks_per_method(swept, tmp_path):
     g = table[table["setting"] == "sam-full-rho0.05"].set_index("seed")
     expected = np.exp(np.mean(np.log(g["lambda_merged"] / lora["lambda_merged"])))
     assert summary.loc["sam-full-rho0.05", "own_ratio_to_lora"] == pytest.approx(expected, rel=1e-12)
-    chosen = sweep.write_sweep_report(table, tmp_path, "test").set_index("method")
+    chosen = sweep.write_sweep_report(table, tmp_path / "new", "test").set_index("method")
     assert list(chosen.index) == ["sam-lora", "sam-full"]
     sam = summary[summary["method"] == "sam-lora"]
     assert chosen.loc["sam-lora", "best_validation"] == sam["val_accuracy"].idxmax()
     assert chosen.loc["sam-lora", "flattest_own_space"] == sam["own_ratio_to_lora"].idxmin()
-    assert (tmp_path / "sweep.csv").exists() and "## The settings the comparison uses" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "new" / "sweep.csv").exists()
+    assert "## The settings the comparison uses" in (tmp_path / "new" / "summary.md").read_text()
+
+
+def test_the_noise_check_stage_writes_every_sigma_and_names_its_run(swept, tmp_path):
+    import json
+
+    from landscape.study.pipeline import run_fingerprint
+
+    out, _ = swept
+    rows = sweep.noise_check(out, tmp_path / "new", "test", task="digits-mlp")
+    assert sorted(rows["sigma"].unique()) == [0.05, 0.1, 0.2] and len(rows) == 3 * sweep.NOISE_BATCHES
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "new" / "noise_check.csv"), rows)
+    meta = json.loads((tmp_path / "new" / "noise_check.json").read_text())
+    assert meta["run"] == "lora-s0" and meta["run_files"] == run_fingerprint(out / "digits-mlp" / "lora-s0")
+    with pytest.raises(FileNotFoundError, match="plain-LoRA run"):
+        sweep.noise_check(out, tmp_path, "test", seed=7, task="digits-mlp")
 
 
 def test_the_noise_check_measures_the_gradient_change_of_one_draw(linear_lora):

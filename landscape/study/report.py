@@ -71,15 +71,16 @@ def paired_log_ratio(x: Sequence[float], base: Sequence[float], confidence: floa
 
     Returns ``ratio`` = exp(mean d) (the geometric-mean ratio), its Student-t interval
     exp(mean d ± t_{n−1} · sd(d)/√n) as ``low`` / ``high``, the two-sided paired t-test's ``p``
-    (H₀: mean d = 0), ``below`` (pairs with x < base) and ``pairs``. NaN statistics with fewer than 2
-    pairs. The log scale makes a halving and a doubling equal effects, as for curvatures they are."""
+    (H₀: mean d = 0), ``below`` (pairs with x < base) and ``pairs``. The ratio needs one pair, the
+    interval and p two (NaN otherwise). The log scale makes a halving and a doubling equal effects,
+    as for curvatures they are."""
     d = np.log(np.asarray(x, dtype=float) / np.asarray(base, dtype=float))
-    out = {"pairs": len(d), "below": int((d < 0).sum()), "ratio": np.nan, "low": np.nan, "high": np.nan, "p": np.nan}
+    out = {"pairs": len(d), "below": int((d < 0).sum()), "ratio": float(np.exp(d.mean())) if len(d) else np.nan,
+           "low": np.nan, "high": np.nan, "p": np.nan}
     if len(d) >= 2:
         test = stats.ttest_1samp(d, 0.0)
         ci = test.confidence_interval(confidence)
-        out.update(ratio=float(np.exp(d.mean())), low=float(np.exp(ci.low)), high=float(np.exp(ci.high)),
-                   p=float(test.pvalue))
+        out.update(low=float(np.exp(ci.low)), high=float(np.exp(ci.high)), p=float(test.pvalue))
     return out
 
 

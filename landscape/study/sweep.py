@@ -23,21 +23,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import pandas as pd
 
 from flatlora import load_run
-from flatlora.io import atomic_write_text, read_json
+from flatlora.io import atomic_write_json, atomic_write_text, read_json
 
 from ..hessian import hessian_eigenvalues
 from ..loss import Loss
 from ..results import PartFiles
 from .exact import SETTINGS, Setting, run_path, train_runs
+from .noise_check import noise_gradient_effect
 from .pipeline import run_fingerprint
-from .report import markdown_table
+from .report import markdown_table, paired_log_ratio
 from .suite import BALANCED, probe_spaces
 
-__all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "sweep_table", "summarize", "choose",
+__all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "noise_check", "sweep_table", "summarize", "choose",
            "write_sweep_report", "TASK", "STEPS", "LR", "EXAMPLES"]
 
 TASK = "rt-minilm"
@@ -63,6 +63,31 @@ def train_sweep(out: Path, settings: Sequence[Setting] = SWEEP_SETTINGS, seeds: 
     linear layer), resumable (:func:`landscape.study.exact.train_runs`)."""
     options = ALL_LINEAR_OPTIONS if task_options is None else task_options
     train_runs(out, settings, seeds, steps, progress=progress, task=task, lr=lr, task_options=options)
+
+
+NOISE_BATCHES = 8
+
+
+def noise_check(out: Path, results: Path, command: str, *, seed: int = 0, task: str = TASK) -> pd.DataFrame:
+    """:func:`~landscape.study.noise_check.noise_gradient_effect` at every swept σ on the finished plain-LoRA
+    run of ``seed``, on its first :data:`NOISE_BATCHES` training mini-batches → RESULTS/noise_check.csv,
+    and noise_check.json naming the command, the run and the content hashes of its files."""
+    from flatlora.training import micro_batches
+
+    run = run_path(out, Setting("lora"), seed, task)
+    if not (run / "metrics.json").exists():
+        raise FileNotFoundError(f"the noise check runs on the finished plain-LoRA run {run}: train it first")
+    model, task_, cfg = load_run(run)
+    batch_at = micro_batches(task_, cfg["batch_size"], seed=seed)
+    sigmas = sorted({s.sigma for s in SWEEP_SETTINGS if s.sigma is not None})
+    rows = noise_gradient_effect(model, [batch_at(k) for k in range(NOISE_BATCHES)], sigmas, loss_fn=task_.loss)
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / "noise_check.csv", rows.to_csv(index=False))
+    atomic_write_json(results / "noise_check.json", {"command": command, "run": run.name,
+                                                     "run_files": run_fingerprint(run), "batches": NOISE_BATCHES,
+                                                     "batch_size": cfg["batch_size"], "sigmas": sigmas})
+    return rows
 
 
 def _lambda_max(run: Path, examples: int, batch_size: int, tol: float) -> dict[str, pd.DataFrame]:
@@ -108,12 +133,12 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for setting, g in table.groupby("setting", sort=False):
         sp = g["own_space"].iloc[0]
-        base = lora[f"lambda_{sp}"].reindex(g["seed"]).to_numpy() if len(lora) else np.full(len(g), np.nan)
-        ratio = g["lambda_own"].to_numpy() / base
+        own = g.set_index("seed")["lambda_own"]
+        base = lora[f"lambda_{sp}"].reindex(own.index).dropna() if len(lora) else own.iloc[:0]
         rows.append({"setting": setting, "method": g["method"].iloc[0], "seeds": len(g),
                      "val_accuracy": g["val_accuracy"].mean(), "own_space": sp,
                      "lambda_own": g["lambda_own"].median(), "lambda_merged": g["lambda_merged"].median(),
-                     "own_ratio_to_lora": float(np.exp(np.nanmean(np.log(ratio)))) if np.isfinite(ratio).any() else np.nan})
+                     "own_ratio_to_lora": paired_log_ratio(own.loc[base.index], base)["ratio"]})
     return pd.DataFrame(rows)
 
 
@@ -132,6 +157,7 @@ def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.D
     """sweep.csv (the runs), summary.md (per setting, and the choice per method) in ``results``;
     returns the choice."""
     results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
     summary = summarize(table)
     chosen = choose(summary)
     atomic_write_text(results / "sweep.csv", table.to_csv(index=False))
