@@ -8,6 +8,7 @@ validation accuracy and the one that flattens its own space most.
 
     .venv/bin/python analysis_scripts/sweep_study.py                       # rt-minilm, seed 0
     .venv/bin/python analysis_scripts/sweep_study.py --stage train         # then --stage report
+    .venv/bin/python analysis_scripts/sweep_study.py --settings lora sam-full-rho0.1   # some settings, in order
 
 Stages (each resumable — finished runs and per-run λ₁ are reused):
 
@@ -16,7 +17,8 @@ Stages (each resumable — finished runs and per-run λ₁ are reused):
    Flat-LoRA's noise at each swept σ against the change from one mini-batch to the next
    (landscape.study.noise_check) → RESULTS/noise_check.csv, and noise_check.json (the command, the
    run and the content hashes of its files);
-3. ``report`` — λ₁ per run (a part in OUT/TASK/sweep-parts/), then RESULTS/sweep.csv and RESULTS/summary.md.
+3. ``report`` — λ₁ per run (a part in OUT/TASK/sweep-parts/), then RESULTS/sweep.csv, RESULTS/summary.md (with the
+   noise check when there is one) and the study's index RESULTS/../report.md.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from flatlora.cli import ArgumentParser, fail
 from landscape.study import sweep
 from landscape.study.exact import ExactStudyError, select_settings
+from landscape.study.report import write_index
 
 STAGES = ("train", "noise", "report")
 
@@ -42,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=methods, default=methods,
                    help="train and measure only these methods, each with all its settings; 'lora' is the baseline "
                         "of every ratio")
+    names = [s.name for s in sweep.SWEEP_SETTINGS]
+    p.add_argument("--settings", nargs="+", choices=names, default=None, metavar="SETTING",
+                   help="train and measure only these settings, in this order (overrides --methods; the "
+                        f"strongest first gives the answer early), among: {', '.join(names)}")
     p.add_argument("--steps", type=int, default=sweep.STEPS, help="optimizer steps per run (the task's batch size)")
     p.add_argument("--lr", type=float, default=sweep.LR, help="learning rate of every run")
     p.add_argument("--examples", type=int, default=sweep.EXAMPLES, help="validation examples of each λ₁")
@@ -57,12 +64,15 @@ def main(argv=None) -> int:
             fail(f"--{name} must be >= 1, got {getattr(a, name)}")
     if not a.lr > 0:
         fail(f"--lr must be > 0, got {a.lr}")
-    if "lora" not in a.methods:
-        fail("every ratio is to plain LoRA's λ₁ with the same seed: add 'lora' to --methods")
+    if "lora" not in (a.settings or a.methods):
+        fail("every ratio is to plain LoRA's λ₁ with the same seed: add 'lora' to --methods (or --settings)")
     command = "python analysis_scripts/sweep_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = Path(a.results or f"results/study/{a.task}-sweep")
     try:
-        settings = [s for s in select_settings(a.methods) if s in sweep.SWEEP_SETTINGS]
+        if a.settings:
+            settings = [next(s for s in sweep.SWEEP_SETTINGS if s.name == name) for name in a.settings]
+        else:
+            settings = [s for s in select_settings(a.methods) if s in sweep.SWEEP_SETTINGS]
         if "train" in a.stage:
             sweep.train_sweep(Path(a.out), settings, a.seeds, task=a.task, steps=a.steps, lr=a.lr,
                               progress=not a.no_progress)
@@ -74,6 +84,7 @@ def main(argv=None) -> int:
             if table.empty:
                 fail(f"no finished runs in {a.out}/{a.task}: run --stage train first")
             print(sweep.write_sweep_report(table, results, command.strip()).to_string(index=False))
+            print(f"report: {results / 'summary.md'}; index: {write_index(results.parent)}")
     except (ExactStudyError, FileNotFoundError) as e:
         fail(str(e))
     return 0

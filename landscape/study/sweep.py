@@ -128,17 +128,21 @@ def sweep_table(out: Path, settings: Sequence[Setting] = SWEEP_SETTINGS, seeds: 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Per setting: seeds, mean validation accuracy, median own-space and merged λ₁, and the geometric
-    mean over seeds of own-space λ₁ / plain LoRA's λ₁ in that space with the same seed."""
+    means over seeds of own-space λ₁ / plain LoRA's λ₁ in that space and of merged λ₁ / LoRA's merged
+    λ₁, each with the same seed."""
     lora = table[table["method"] == "lora"].set_index("seed")
     rows = []
     for setting, g in table.groupby("setting", sort=False):
         sp = g["own_space"].iloc[0]
         own = g.set_index("seed")["lambda_own"]
+        merged = g.set_index("seed")["lambda_merged"]
         base = lora[f"lambda_{sp}"].reindex(own.index).dropna() if len(lora) else own.iloc[:0]
+        base_merged = lora["lambda_merged"].reindex(merged.index).dropna() if len(lora) else merged.iloc[:0]
         rows.append({"setting": setting, "method": g["method"].iloc[0], "seeds": len(g),
                      "val_accuracy": g["val_accuracy"].mean(), "own_space": sp,
                      "lambda_own": g["lambda_own"].median(), "lambda_merged": g["lambda_merged"].median(),
-                     "own_ratio_to_lora": paired_log_ratio(own.loc[base.index], base)["ratio"]})
+                     "own_ratio_to_lora": paired_log_ratio(own.loc[base.index], base)["ratio"],
+                     "merged_ratio_to_lora": paired_log_ratio(merged.loc[base_merged.index], base_merged)["ratio"]})
     return pd.DataFrame(rows)
 
 
@@ -153,6 +157,20 @@ def choose(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _noise_section(results: Path) -> list[str]:
+    """The noise check's means per σ (RESULTS/noise_check.csv, from :func:`noise_check`), when there is one."""
+    if not (results / "noise_check.csv").exists():
+        return []
+    made = read_json(results / "noise_check.json")
+    means = pd.read_csv(results / "noise_check.csv").groupby("sigma")[
+        ["noise_change", "noise_cosine", "batch_change", "batch_cosine"]].mean().reset_index()
+    return ["", "## Does the noise do anything? (the noise check)", "",
+            f"On `{made['run']}` (its content hashes in `noise_check.json`), over {made['batches']} training batches "
+            f"of {made['batch_size']}: ‖g(W + ε) − g(W)‖ / ‖g(W)‖ for one draw of Flat-LoRA's noise at σ, against "
+            f"‖g_next batch − g‖ / ‖g‖ (means; made by `{made['command']}`).", "",
+            markdown_table(means, floatfmt=".3g")]
+
+
 def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.DataFrame:
     """sweep.csv (the runs), summary.md (per setting, and the choice per method) in ``results``;
     returns the choice."""
@@ -163,8 +181,8 @@ def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.D
     atomic_write_text(results / "sweep.csv", table.to_csv(index=False))
     lines = [f"# The settings sweep: {table['setting'].nunique()} settings × {table['seed'].nunique()} seed(s)", "",
              f"Made by `{command}` from `sweep.csv`.", "",
-             "## Per setting (accuracy: mean; λ₁: median over seeds; ratio: geometric mean of own-space λ₁ over "
-             "LoRA's with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
-             "## The settings the comparison uses", "", markdown_table(chosen)]
+             "## Per setting (accuracy: mean; λ₁: median over seeds; ratios: geometric mean of own-space and of "
+             "merged λ₁ over LoRA's in the same space with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
+             "## The settings the comparison uses", "", markdown_table(chosen), *_noise_section(results)]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
     return chosen
