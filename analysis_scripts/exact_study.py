@@ -13,8 +13,11 @@ Stages (each resumable — finished runs and per-run spectra are reused):
 
 1. ``train``   — OUT/digits-mlp/SETTING-sSEED/;
 2. ``spectra`` — one part per run in OUT/digits-mlp/exact-parts/, then RESULTS/spectra.csv (tidy);
-3. ``report``  — from spectra.csv alone: RESULTS/summary.json, RESULTS/summary.md and
-   FIGURES/digits-exact-lora-vs-merged.{png,pdf}.
+3. ``probe``   — the probe suite and loss planes on every seed of each method's strongest setting
+   (landscape.study.exact_probes): RESULTS/probes.csv, planes.csv, metrics.csv and FIGURES/digits-mlp-*;
+4. ``report``  — from those tables: RESULTS/summary.json, RESULTS/summary.md (with the accuracy tests and
+   the probe summary), FIGURES/digits-exact-lora-vs-merged.{png,pdf}, and the study's index
+   RESULTS/../report.md (landscape.study.report.write_index).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 from flatlora.cli import ArgumentParser, fail
+from landscape.study.report import write_index
 from landscape.study.exact import SETTINGS, STAGES, STEPS, ExactStudyError, run_exact_study, select_settings
 
 
@@ -55,6 +59,8 @@ def main(argv=None) -> int:
         run_exact_study(Path(a.out), Path(a.results), Path(a.figures), settings=select_settings(a.methods),
                         seeds=a.seeds, steps=a.steps, stages=a.stage, progress=not a.no_progress,
                         command=command.strip())
+        if "report" in a.stage:
+            print(f"report: {Path(a.results) / 'summary.md'}; index: {write_index(Path(a.results).parent)}")
     except ExactStudyError as e:
         fail(str(e))
     return 0

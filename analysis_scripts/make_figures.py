@@ -9,7 +9,8 @@ cannot draw and why.
 From probe.py's CSV (its curves are read from PROBES-curves.csv beside it) it draws, per task, the
 loss lines, the expected loss ΔL(σ), the top eigenvalues and — with accuracies from --metrics or
 from the probed runs' metrics.json — sharpness against accuracy. The study's folders
-(results/study/TASK/) add loss planes and robustness. Figures are written as PNG and PDF and their
+(results/study/TASK/) add the loss planes (LoRA, Flat-LoRA and SAM side by side, and
+each one's difference from LoRA) and robustness. Figures are written as PNG and PDF and their
 paths printed; the command fails (exit status 1) when it could draw nothing.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ Stages (each resumable — finished runs and probe results are reused):
 1. ``train``  — ``flatlora.run`` for each task × method × seed into OUT/TASK/METHOD-sSEED/;
 2. ``probe``  — ``analysis_scripts/probe.py``'s suite on every run → OUT/TASK/probes.csv;
 3. ``robust`` — accuracy under seeded text corruptions → OUT/TASK/robustness.csv;
-4. ``report`` — figures into --figures and a markdown report OUT/report.md (accuracy and weighted F1
+4. ``report`` — figures into --figures and a markdown report RESULTS/report.md (accuracy and weighted F1
    mean ± std, Welch and paired t-tests of Flat-LoRA vs LoRA, sharpness per space and method, error
    analysis).
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from flatlora.cli import ArgumentParser
 from flatlora import distributed
 from landscape.study.pipeline import DEFAULT_METHODS, STAGES, run_study
+from landscape.study.report import write_index
 from landscape.study.suite import ProbeSettings
 
 
@@ -37,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", nargs="+", default=["rt-minilm=150", "r8-minilm=100"],
                    help="TASK=STEPS per task (tasks not named use their default)")
     p.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order")
-    p.add_argument("--results", default="results/study", help="tables and the report (committed)")
+    p.add_argument("--results", default="results/study/minilm",
+                   help="tables and the report (committed); the study's index RESULTS/../report.md is rebuilt")
     # the probe suite's settings (analysis_scripts/probe.py): the LoRA space in the balanced gauge
     # beside the merged, tangent and normal spaces, on 128 validation examples (issue 14: λ₁ on 32
     # examples varied more between slices than between seeds); lines and noise cheaper than the
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
               steps=steps, stages=a.stage, settings=ProbeSettings.from_arguments(a), split=a.split,
               examples=a.examples, batch_size=a.batch_size, robust_examples=a.robust_examples,
               progress=not a.no_progress, command=command)
+    if "report" in a.stage and distributed.is_main():
+        print(f"index: {write_index(Path(a.results).parent)}")
     return 0
 
 

@@ -39,16 +39,18 @@ def _groups(frame: pd.DataFrame, by: str):
     return frame.groupby(by, sort=False)
 
 
-def plot_lines(frame: pd.DataFrame, *, by: str = "space", metric: str = "loss", ax=None, title: Optional[str] = None):
+def plot_lines(frame: pd.DataFrame, *, by: str = "space", metric: str = "loss", ax=None, title: Optional[str] = None,
+               colors: Optional[dict] = None):
     """Curves of ``metric`` against α from :func:`~landscape.loss_line` frames (concatenate several,
     with a label column, to compare methods or spaces on one axis): the mean over directions, and a
-    ± std band when there are several. Returns the figure."""
+    ± std band when there are several. ``colors`` maps a label to its colour (default: the colour
+    cycle). Returns the figure."""
     if metric not in ("loss", "accuracy"):
         raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
     fig, ax = new_figure() if ax is None else (ax.figure, ax)
     for label, group in _groups(frame, by):
         s = group.groupby("alpha")[metric].agg(["mean", "std"])
-        line, = ax.plot(s.index, s["mean"], label=str(label))
+        line, = ax.plot(s.index, s["mean"], label=str(label), color=(colors or {}).get(label))
         if s["std"].notna().any():
             ax.fill_between(s.index, s["mean"] - s["std"], s["mean"] + s["std"], color=line.get_color(), alpha=0.2, lw=0)
     ax.set_xlabel("α")

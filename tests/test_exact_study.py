@@ -161,9 +161,12 @@ def test_findings_state_the_tables_numbers(tiny_study):
     assert any(f"{acc.min():.3f} ({acc.idxmin()}) to {acc.max():.3f} ({acc.idxmax()})" in line for line in lines)
 
 
-def test_report_draws_the_figure(tiny_study):
-    root = tiny_study
-    assert sorted(p.name for p in (root / "figures").iterdir()) == [f"{exact.FIGURE}.pdf", f"{exact.FIGURE}.png"]
+def test_report_draws_the_figures(tiny_study):
+    """The spectra figure, and the probe stage's: every figure its tables allow (no sam-full or
+    flat-lora here, so the planes figure has LoRA's plane alone)."""
+    names = {p.stem for p in (tiny_study / "figures").iterdir()}
+    assert names == {exact.FIGURE, *(f"digits-mlp-{n}" for n in ("lines", "planes", "expected-loss", "eigenvalues",
+                                                                  "sharpness-vs-accuracy"))}
 
 
 def test_spearman_interval_is_seeded_and_holds_rho():
@@ -222,3 +225,29 @@ def test_script_help_describes_every_option():
     r = run_script(SCRIPT, "--help")
     for option in ("--out", "--results", "--figures", "--seeds", "--methods", "--steps", "--stage", "--no-progress"):
         assert option in r.stdout
+
+
+def test_probe_stage_probes_each_methods_strongest_setting_on_every_seed(tiny_study):
+    probes = pd.read_csv(tiny_study / "results" / "probes.csv")
+    assert probes.groupby("method")["seed"].unique().map(sorted).to_dict() == {m: list(SEEDS)
+                                                                       for m in ("full-ft", "lora", "sam-lora")}
+
+
+def test_probe_stage_lanczos_eigenvalue_is_the_exact_one(tiny_study):
+    """λ₁ by Lanczos (float32, tolerance 1e-4) is the dense float64 λ₁ of the same run and space."""
+    probes = pd.read_csv(tiny_study / "results" / "probes.csv")
+    table = pd.read_csv(tiny_study / "results" / "spectra.csv")
+    lanczos = probes[probes["measure"] == "eigenvalue"].set_index(["method", "seed", "space"])["value"]
+    dense = table.set_index(["method", "seed", "space"])["lambda_max"].reindex(lanczos.index)
+    np.testing.assert_allclose(lanczos, dense, rtol=1e-3)
+
+
+def test_strongest_settings_pick_the_lowest_merged_ratio_per_method():
+    from landscape.study.exact_probes import strongest_settings
+
+    rows = [{"setting": name, "method": name.split("-rho")[0], "seed": k, "space": "merged",
+             "lambda_max": base * (1 + 0.01 * k)}
+            for name, base in (("lora", 1.0), ("sam-lora-rho0.01", 0.9), ("sam-lora-rho0.1", 0.5),
+                               ("sam-full-rho0.1", 1.2), ("full-ft", 0.4)) for k in range(3)]
+    chosen = [s.name for s in strongest_settings(pd.DataFrame(rows))]
+    assert chosen == ["lora", "sam-lora-rho0.1", "sam-full-rho0.1", "full-ft"]

@@ -31,8 +31,9 @@ def test_miniature_study_end_to_end(tmp_path, shared_digits_pretraining):
     assert {"alpha", "loss", "delta_loss", "direction", "space", "method"} <= set(curves.columns)
     assert (curves.loc[curves["alpha"] == 0, "delta_loss"].abs() < 1e-6).all()
     planes = pd.read_csv(res / "planes.csv")
-    assert planes[["alpha", "beta"]].drop_duplicates().shape[0] == 121
-    for name in ("lines", "expected-loss", "eigenvalues", "sharpness-vs-accuracy", "plane-lora", "plane-flat-lora"):
+    assert planes[["alpha", "beta"]].drop_duplicates().shape[0] == 21 * 21
+    assert set(planes["method"]) == {"lora", "flat-lora", "sam-full"} & set(STUDY_METHODS)
+    for name in ("lines", "expected-loss", "eigenvalues", "sharpness-vs-accuracy", "planes"):
         assert (tmp_path / "fig" / f"digits-mlp-{name}.png").stat().st_size > 1000, name
     report = (tmp_path / "results" / "report.md").read_text()
     assert "Welch" in report and "flat-lora" in report and "digits-mlp-lines.png" in report

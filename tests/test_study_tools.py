@@ -56,3 +56,60 @@ def test_holm_adjusts_as_holm_1979_and_skips_nan():
     out = holm([0.01, 0.04, np.nan, 0.03, 0.5])
     np.testing.assert_allclose(out, [0.04, 0.09, np.nan, 0.09, 0.5], rtol=1e-12)
     assert holm([0.6, 0.5]).tolist() == [1.0, 1.0]  # capped at 1
+
+
+def _seeded_runs():
+    """Three settings × 6 seeds of made-up accuracies and λ₁ (seeded)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = [{"setting": s, "seed": k, "accuracy": 0.9 + shift + rng.normal(0, 0.01), "lambda_max": rng.lognormal()}
+            for s, shift in (("lora", 0.0), ("a", 0.02), ("b", 0.0)) for k in range(6)]
+    return pd.DataFrame(rows)
+
+
+def test_paired_differences_are_scipys_paired_t_with_holm():
+    import numpy as np
+    from scipy import stats
+
+    from landscape.study.report import holm, paired_differences
+
+    frame = _seeded_runs()
+    out = paired_differences(frame.sample(frac=1, random_state=1), "accuracy").set_index("setting")  # order-free
+    lora = frame[frame["setting"] == "lora"].set_index("seed")["accuracy"]
+    p = []
+    for s in ("a", "b"):
+        x = frame[frame["setting"] == s].set_index("seed")["accuracy"]
+        test = stats.ttest_rel(x, lora[x.index])
+        p.append(test.pvalue)
+        assert out.loc[s, "p"] == pytest.approx(test.pvalue, rel=1e-10)
+        assert out.loc[s, "difference"] == pytest.approx((x - lora[x.index]).mean(), rel=1e-12)
+        assert out.loc[s, "low"] < out.loc[s, "difference"] < out.loc[s, "high"]
+    np.testing.assert_allclose(out.loc[["a", "b"], "p_holm"], holm(p), rtol=1e-12)
+
+
+def test_within_group_spearman_never_pools_groups():
+    from scipy import stats
+
+    from landscape.study.report import within_group_spearman
+
+    frame = _seeded_runs()
+    out = within_group_spearman(frame, "lambda_max", "accuracy").set_index("setting")
+    for s, g in frame.groupby("setting"):
+        assert out.loc[s, "rho"] == pytest.approx(stats.spearmanr(g["lambda_max"], g["accuracy"]).statistic, abs=1e-12)
+    assert out["n"].tolist() == [6, 6, 6]
+
+
+def test_the_index_holds_every_part_in_order_with_links_rebased(tmp_path):
+    from landscape.study.report import write_index
+
+    (tmp_path / "rt-minilm-sweep").mkdir()
+    (tmp_path / "rt-minilm-sweep" / "summary.md").write_text("# Sweep\n\nMade by `x`.\n")
+    (tmp_path / "digits-exact").mkdir()
+    (tmp_path / "digits-exact" / "summary.md").write_text("# Exact\n\n![fig](../../../figures/study/f.png)\n")
+    (tmp_path / "empty").mkdir()
+    text = write_index(tmp_path).read_text()
+    assert text.index("## Exact") < text.index("## Sweep")  # digits first, by INDEX_ORDER
+    assert "![fig](../../figures/study/f.png)" in text  # resolves from tmp_path as it did from digits-exact/
+    assert "empty" not in text

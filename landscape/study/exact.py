@@ -69,18 +69,18 @@ from ..loss import Loss
 from ..plot import new_figure, save_figure
 from ..results import PartFiles
 from ..space import space
-from .figures import METHOD_ORDER
+from .figures import method_color
 from .pipeline import run_fingerprint
-from .report import holm, markdown_table, paired_log_ratio
+from .report import holm, markdown_table, paired_differences, paired_log_ratio, within_group_spearman
 
 __all__ = ["ExactStudyError", "Setting", "SETTINGS", "SPACES", "STAGES", "STEPS", "TASK", "select_settings",
            "train_runs", "exact_spectra", "spectra_parts", "spectra_table", "spearman_interval", "correlations",
-           "mismatched_runs", "own_space_effects", "findings", "fig_lora_vs_merged", "write_report", "run_exact_study"]
+           "mismatched_runs", "own_space_effects", "findings", "accuracy_statistics", "accuracy_findings", "fig_lora_vs_merged", "write_report", "run_exact_study"]
 
 TASK = "digits-mlp"
 STEPS = 1200
 SPACES = ("lora-balanced", "lora-as-trained", "merged", "tangent", "normal")
-STAGES = ("train", "spectra", "report")
+STAGES = ("train", "spectra", "probe", "report")
 THRESHOLD_FRACTION = 0.01
 #: each space's eigenvalue threshold comes from plain LoRA's median λ₁ in the space that sets its units
 THRESHOLD_SPACE = {"lora-balanced": "lora-balanced", "lora-as-trained": "lora-balanced", "merged": "merged",
@@ -350,11 +350,6 @@ def own_space_effects(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ report
-def _color(method: str) -> str:
-    """One colour per method, as in every study figure (matplotlib's cycle in :data:`METHOD_ORDER`)."""
-    return f"C{METHOD_ORDER.index(method)}" if method in METHOD_ORDER else "k"
-
-
 PANELS = (("lora-balanced", "merged", "(a) LoRA space vs full space", "λ₁, LoRA space (balanced gauge)",
            "λ₁, merged space"),
           ("tangent", "normal", "(b) tangent vs normal", "λ₁, tangent space (LoRA can move)",
@@ -374,7 +369,7 @@ def fig_lora_vs_merged(frame: pd.DataFrame) -> Figure:
         axes[0].axhspan(full.min(), full.max(), color="0.85", zorder=0, label=f"full-ft merged λ₁ ({len(full)} runs)")
     for ax, (x, y, title, xlabel, ylabel) in zip(axes, PANELS):
         for method, g in wide.groupby("method", sort=False):
-            ax.scatter(g[x], g[y], s=14, color=_color(method), alpha=0.75, label=f"{method} ({len(g)} runs)")
+            ax.scatter(g[x], g[y], s=14, color=method_color(method), alpha=0.75, label=f"{method} ({len(g)} runs)")
         ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel, ylabel=ylabel)
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
@@ -449,6 +444,54 @@ def findings(corr: pd.DataFrame, mismatch: dict[str, list[str]], effects: pd.Dat
     return lines
 
 
+def accuracy_statistics(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(a) Test accuracy of each setting against LoRA with the same seed (paired t, Holm over the
+    settings: :func:`~landscape.study.report.paired_differences`); (b) Spearman's ρ of λ₁ against test
+    accuracy within each setting and space — never pooled over methods (Holm over every cell:
+    :func:`~landscape.study.report.within_group_spearman`)."""
+    return (paired_differences(table.drop_duplicates("run"), "accuracy"),
+            within_group_spearman(table, "lambda_max", "accuracy", by=("setting", "space")))
+
+
+def accuracy_findings(accuracy: pd.DataFrame, within: pd.DataFrame) -> list[str]:
+    """Sentences (markdown bullets) from :func:`accuracy_statistics`' two tables."""
+    sig = accuracy[accuracy["p_holm"] < ALPHA]
+    big = accuracy.loc[accuracy["difference"].abs().idxmax()]
+    lines = [f"- Test accuracy against LoRA with the same seed ({int(big['pairs'])} pairs, Holm over {len(accuracy)} "
+             f"settings): {len(sig)} setting(s) differ at Holm-adjusted p < {ALPHA:g}"
+             + (": " + "; ".join(f"{r.setting} {r.difference:+.4f} [{r.low:+.4f}, {r.high:+.4f}] (p = {r.p_holm:.2g})"
+                                 for r in sig.itertuples()) + "." if len(sig) else
+                f"; the largest mean difference is {big['setting']} {big['difference']:+.4f} "
+                f"[{big['low']:+.4f}, {big['high']:+.4f}] (p = {big['p_holm']:.2g}).")]
+    done = within.dropna(subset=["rho"])
+    sig = done[done["p_holm"] < ALPHA]
+    lines.append(f"- λ₁ against test accuracy within one setting and space (Spearman, Holm over {len(done)} cells): "
+                 f"ρ from {done['rho'].min():.2f} to {done['rho'].max():.2f}; {len(sig)} cell(s) at Holm-adjusted "
+                 f"p < {ALPHA:g}" + (": " + "; ".join(f"{r.setting} in {r.space} ρ = {r.rho:.2f} (p = {r.p_holm:.2g})"
+                                                     for r in sig.itertuples()) + "." if len(sig) else "."))
+    return lines
+
+
+def _probe_section(results: Path, table: pd.DataFrame) -> list[str]:
+    """[the probe stage's findings as one block of bullets, then its section of the report], or [] when
+    the probe stage (:mod:`landscape.study.exact_probes`) has not run."""
+    if not (results / "probes.csv").exists():
+        return []
+    from .exact_probes import PROBE_SETTINGS, probe_summary  # it builds on this module
+
+    probes = pd.read_csv(results / "probes.csv")
+    summary, lines = probe_summary(probes, table)
+    seeds = probes.groupby("method")["seed"].nunique()
+    seeds = f"{seeds.min()} seeds" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()} seeds"
+    return ["\n".join(lines),
+            "## The probe suite on each method's strongest setting", "",
+            f"Per method the setting that lowers merged λ₁ most against LoRA, {seeds} each, "
+            f"probed on the same training loss as the spectra (`probes.csv`; suite settings: "
+            f"{PROBE_SETTINGS.noise_max_samples} noise draws per σ, {PROBE_SETTINGS.num_directions} line directions, "
+            f"worst case by {PROBE_SETTINGS.worst_case_steps} ascent steps).", "",
+            markdown_table(summary, floatfmt=".3g"), ""]
+
+
 def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str, *, seed: int = 0) -> dict:
     """summary.json, summary.md and the figure from the tidy table; returns the summary."""
     results, figures = Path(results), Path(figures)
@@ -467,7 +510,12 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
                "tangent_vs_normal": _tangent_vs_normal(effects), "max_symmetry_error": float(table["symmetry_error"].max()),
                "hessian_seconds_per_run": float(table.groupby("run")["hessian_seconds"].sum().median()),
                "train_seconds_per_run": float(table.groupby("run")["train_seconds"].first().median())}
+    accuracy, within = accuracy_statistics(table)
+    summary.update(accuracy_against_lora=accuracy.to_dict(orient="records"),
+                   sharpness_accuracy_within_setting=within.to_dict(orient="records"))
     made = save_figure(fig_lora_vs_merged(table), figures / FIGURE)
+    probe_lines = _probe_section(results, table)
+    made += sorted(figures.glob(f"{TASK}-*.png")) if probe_lines else []
     per_setting = table.pivot_table(index="setting", columns="space", values="lambda_max", aggfunc="median",
                                     sort=False).reindex(columns=[s for s in SPACES if s in set(table["space"])])
     per_setting = per_setting.join(table.groupby("setting", sort=False)[["accuracy", "train_loss"]].mean())
@@ -481,7 +529,8 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         markdown_table(corr, floatfmt=".3g"), "",
         f"Balanced LoRA space vs merged space, all LoRA runs: ρ = {_fmt(main['rho'])} "
         f"[{_fmt(main['low'])}, {_fmt(main['high'])}], n = {int(main['n'])}.", "",
-        "## Findings (sentences made from the tables below)", "", *findings(corr, mismatch, effects, table), "",
+        "## Findings (sentences made from the tables below)", "", *findings(corr, mismatch, effects, table),
+        *accuracy_findings(accuracy, within), *probe_lines[:1], "",
         "## Runs flat in one space and sharp in the other", "",
         "(λ₁ below the median in one space, in the top quartile in the other, among the LoRA runs)", "",
         *[f"- {k}: {', '.join(v) if v else 'none'}" for k, v in mismatch.items()], "",
@@ -497,6 +546,14 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         markdown_table(counts.reset_index(), floatfmt=".0f"), "",
         f"Median seconds per run: training {summary['train_seconds_per_run']:.1f}, "
         f"spectra {summary['hessian_seconds_per_run']:.1f}.", "",
+        "## Test accuracy against LoRA with the same seed", "",
+        "Mean difference over seeds, its 95 % t interval, the paired t-test's p and p Holm-adjusted over every "
+        "setting.", "", markdown_table(accuracy, floatfmt=".3g"), "",
+        "## λ₁ against test accuracy within each setting (Spearman over seeds, Holm over every cell)", "",
+        markdown_table(within.pivot(index="setting", columns="space", values="rho").reindex(
+            index=list(per_setting.index), columns=[s for s in SPACES if s in set(within["space"])]).reset_index(),
+            floatfmt=".2f"), "",
+        *probe_lines[1:],
         *[f"![{p.stem}]({Path(os.path.relpath(p.resolve(), results.resolve())).as_posix()})" for p in made
           if p.suffix == ".png"],
     ]
@@ -517,6 +574,10 @@ def run_exact_study(out: Path, results: Path, figures: Path, *, settings: Sequen
         if not found:
             raise ExactStudyError(f"no finished run under {Path(out) / TASK}: run the train stage first")
         atomic_write_text(results / "spectra.csv", spectra_table(found).to_csv(index=False))
+    if "probe" in stages:
+        from .exact_probes import probe_strongest  # it builds on this module
+
+        probe_strongest(out, results, figures, seeds, progress=progress)
     if "report" in stages:
         if not (results / "spectra.csv").exists():
             raise ExactStudyError(f"{results / 'spectra.csv'} does not exist: run the spectra stage first")

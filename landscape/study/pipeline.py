@@ -33,7 +33,7 @@ from ..loss import Loss
 from ..plot import save_figure
 from ..results import PartFiles, file_digest
 from .error_analysis import compare_predictions
-from .figures import (fig_eigenvalues, fig_expected_loss, fig_lines, fig_planes, fig_robustness,
+from .figures import (PLANE_METHODS, fig_eigenvalues, fig_expected_loss, fig_lines, fig_planes, fig_robustness,
                       fig_sharpness_vs_accuracy)
 from .report import accuracy_section, collect_metrics, markdown_table, robustness_section, sharpness_section
 from .robustness import corruption_accuracy
@@ -185,8 +185,9 @@ FIGURE_TABLES = ("metrics", "probes", "curves", "planes", "robustness")
 def draw_figures(tables: dict[str, Optional[pd.DataFrame]], figures: Path, task: str
                  ) -> tuple[list[Path], list[tuple[str, str]]]:
     """Every figure that ``tables`` (any of :data:`FIGURE_TABLES`: None or absent for a missing one)
-    allow, saved as ``figures/TASK-NAME.{png,pdf}``. Returns (paths made, [(figure, why it was
-    skipped)]), so a caller can say what it could not draw."""
+    allow, saved as ``figures/TASK-NAME.{png,pdf}`` (the loss planes of LoRA, Flat-LoRA and SAM in
+    one figure, ``TASK-planes``). Returns (paths made, [(figure, why it was skipped)]), so a caller can say what
+    it could not draw."""
     t = {name: tables.get(name) for name in FIGURE_TABLES}
     has = lambda name, col=None, value=None: t[name] is not None and len(t[name]) > 0 and (  # noqa: E731
         col is None or (t[name][col] == value).any())
@@ -200,12 +201,9 @@ def draw_figures(tables: dict[str, Optional[pd.DataFrame]], figures: Path, task:
 
     draw("lines", has("curves"), "no loss-line curves (the probe's OUT-curves.csv)",
          lambda: fig_lines(t["curves"], task=task))
-    if has("planes"):
-        for method in t["planes"]["method"].unique():
-            made.extend(save_figure(fig_planes(t["planes"], methods=(method,), task=task)[0],
-                                    figures / f"{task}-plane-{method}"))
-    else:
-        skipped.append((f"{task}-plane-*", "no loss planes (planes.csv, written by the study's probe stage)"))
+    draw("planes", has("planes") and t["planes"]["method"].isin(PLANE_METHODS).any(),
+         f"no loss planes of {', '.join(PLANE_METHODS)} (planes.csv, written by the study's probe stage)",
+         lambda: fig_planes(t["planes"], task=task))
     draw("expected-loss", has("probes", "measure", "expected_loss"), "no expected_loss rows in the probes",
          lambda: fig_expected_loss(t["probes"], task=task))
     draw("eigenvalues", has("probes", "measure", "eigenvalue"), "no eigenvalue rows in the probes",
@@ -292,7 +290,8 @@ def finished_runs(out: Path, task: str, methods, seeds) -> list[Path]:
 
 def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: ProbeSettings, split: str,
               examples: int, batch_size: int) -> None:
-    """The probe suite on every run, and loss planes (merged space) of LoRA and Flat-LoRA, seed 0."""
+    """The probe suite on every run, and 21 × 21 loss planes (merged space) of seed 0 of each of
+    :data:`~landscape.study.figures.PLANE_METHODS` that has a run."""
     res = results / task
     res.mkdir(parents=True, exist_ok=True)
     probe_runs(runs, res / "probes.csv", settings, split, examples, batch_size, parts=out / task / "probe-parts")
@@ -300,13 +299,13 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
         atomic_write_json(res / "probes-manifest.json", manifest(settings, runs, res / "probes.csv", split, examples,
                                                                  batch_size))
     planes = []
-    for method in ("lora", "flat-lora"):
+    for method in PLANE_METHODS:
         d = run_dir(out, task, method, 0)
         if not (d / "metrics.json").exists():
             continue
         model, t, _ = load_run(d)
         loss = Loss(t.batches(split, batch_size, limit=examples))
-        frame = loss_plane(model, loss, space="merged", grid=11, span=1.0, seed=0,
+        frame = loss_plane(model, loss, space="merged", grid=21, span=1.0, seed=0,
                            results_path=out / task / f"plane-{method}.json", progress=False)
         planes.append(frame.assign(task=task, method=method, seed=0))
     if planes and distributed.is_main():

@@ -8,11 +8,16 @@
 * :func:`sharpness_summary` — each sharpness measure per task × space × method over seeds;
 * :func:`paired_log_ratio` — x against a baseline paired by seed on the log scale (geometric-mean
   ratio, its t interval and the paired t-test), and :func:`holm` — Holm's step-down adjustment of
-  the p-values of every comparison a report makes (Holm 1979).
+  the p-values of every comparison a report makes (Holm 1979);
+* :func:`paired_differences` — each setting against a baseline on one metric, paired by seed, Holm-adjusted;
+* :func:`within_group_spearman` — Spearman's ρ within each method or setting (not pooled), Holm-adjusted;
+* :func:`write_index` — results/study/report.md: every committed part's report, in one file.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -20,8 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["collect_metrics", "mean_std", "compare", "paired_log_ratio", "holm", "sharpness_summary", "format_mean_std", "markdown_table",
-           "accuracy_section", "sharpness_section", "robustness_section", "HEADLINE_MEASURES"]
+__all__ = ["collect_metrics", "mean_std", "compare", "paired_log_ratio", "paired_differences", "within_group_spearman", "holm", "sharpness_summary", "format_mean_std", "markdown_table",
+           "accuracy_section", "sharpness_section", "robustness_section", "write_index", "HEADLINE_MEASURES"]
 
 #: (measure, x) pairs the report tabulates: top eigenvalue, ΔL at σ = 0.05, worst case at ρ = 0.05, line at α = 1
 HEADLINE_MEASURES = (("eigenvalue", 1.0), ("expected_loss", 0.05), ("worst_case", 0.05), ("line", 1.0), ("trace", np.nan))
@@ -66,6 +71,17 @@ def compare(frame: pd.DataFrame, value: str, a: str, b: str, *, by: str = "metho
     return out
 
 
+def _paired_t(d: np.ndarray, confidence: float) -> dict:
+    """One-sample t on paired differences d: the mean, its Student-t interval and the two-sided p
+    (H₀: mean d = 0); interval and p NaN with fewer than two pairs."""
+    out = {"pairs": len(d), "mean": float(d.mean()) if len(d) else np.nan, "low": np.nan, "high": np.nan, "p": np.nan}
+    if len(d) >= 2:
+        test = stats.ttest_1samp(d, 0.0)
+        ci = test.confidence_interval(confidence)
+        out.update(low=float(ci.low), high=float(ci.high), p=float(test.pvalue))
+    return out
+
+
 def paired_log_ratio(x: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> dict:
     """``x`` against ``base``, paired (the same seed), on the log scale: d_i = log(x_i / base_i).
 
@@ -75,13 +91,42 @@ def paired_log_ratio(x: Sequence[float], base: Sequence[float], confidence: floa
     interval and p two (NaN otherwise). The log scale makes a halving and a doubling equal effects,
     as for curvatures they are."""
     d = np.log(np.asarray(x, dtype=float) / np.asarray(base, dtype=float))
-    out = {"pairs": len(d), "below": int((d < 0).sum()), "ratio": float(np.exp(d.mean())) if len(d) else np.nan,
-           "low": np.nan, "high": np.nan, "p": np.nan}
-    if len(d) >= 2:
-        test = stats.ttest_1samp(d, 0.0)
-        ci = test.confidence_interval(confidence)
-        out.update(low=float(np.exp(ci.low)), high=float(np.exp(ci.high)), p=float(test.pvalue))
-    return out
+    t = _paired_t(d, confidence)
+    return {"pairs": t["pairs"], "below": int((d < 0).sum()), "ratio": float(np.exp(t["mean"])),
+            "low": float(np.exp(t["low"])), "high": float(np.exp(t["high"])), "p": t["p"]}
+
+
+def paired_differences(frame: pd.DataFrame, value: str, *, by: str = "setting", base: str = "lora",
+                       confidence: float = 0.95) -> pd.DataFrame:
+    """Each group of ``by`` against the ``base`` group on ``value``, paired by ``seed`` (runs with the
+    same seed share data order and initialisation): per group the mean of the base, the mean
+    difference d̄ = mean(x_seed − base_seed), its Student-t interval, the paired t-test's p and that
+    p Holm-adjusted over every group compared (:func:`holm`)."""
+    ref = frame[frame[by] == base].set_index("seed")[value]
+    rows = []
+    for name, g in frame[frame[by] != base].groupby(by, sort=False):
+        x = g.set_index("seed")[value]
+        shared = x.index.intersection(ref.index)
+        rows.append({by: name, "base_mean": float(ref[shared].mean()) if len(shared) else np.nan,
+                     **_paired_t((x[shared] - ref[shared]).to_numpy(float), confidence)})
+    out = pd.DataFrame(rows, columns=[by, "base_mean", "pairs", "mean", "low", "high", "p"])
+    return out.rename(columns={"mean": "difference"}).assign(p_holm=holm(out["p"]))
+
+
+def within_group_spearman(frame: pd.DataFrame, x: str, y: str, *, by: Sequence[str] = ("setting",),
+                          min_n: int = 3) -> pd.DataFrame:
+    """Spearman's ρ of ``x`` against ``y`` within each group of ``by`` (never pooled over groups,
+    where a difference between groups would pass for a correlation), its two-sided p
+    (``scipy.stats.spearmanr``) and that p Holm-adjusted over every group; groups with fewer than
+    ``min_n`` rows get NaN."""
+    rows = []
+    for key, g in frame.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        test = stats.spearmanr(g[x], g[y]) if len(g) >= min_n else None
+        rows.append({**dict(zip(by, key)), "n": len(g), "rho": float(test.statistic) if test else np.nan,
+                     "p": float(test.pvalue) if test else np.nan})
+    out = pd.DataFrame(rows)
+    return out.assign(p_holm=holm(out["p"]))
 
 
 def holm(p: Sequence[float]) -> np.ndarray:
@@ -167,3 +212,35 @@ def robustness_section(robust: pd.DataFrame) -> str:
                       "paired_p": c["paired_p"]})
     return "\n".join(["Accuracy drop (clean − corrupted), mean ± std over seeds:", "", markdown_table(wide.reset_index()), "",
                       markdown_table(pd.DataFrame(tests))])
+
+
+#: the parts of the study, in the order the index shows them (others follow, by name)
+INDEX_ORDER = ("digits-exact", "rt-minilm-sweep", "r8-minilm-sweep", "minilm")
+_LINK = re.compile(r"(!?\[[^\]]*\]\()([^)#:]+)(\))")
+
+
+def write_index(root: Path) -> Path:
+    """ROOT/report.md: the report of every part of the study committed under ``root`` (each
+    sub-folder's summary.md or report.md, each naming the command that made it), its headings one
+    level down and its relative links rebased to ``root``. Each part's report stage calls this after
+    writing its own report, so the index never holds a part's older numbers."""
+    from flatlora.io import atomic_write_text
+
+    root = Path(root)
+    parts = sorted((d for d in root.iterdir() if d.is_dir()),
+                   key=lambda d: (INDEX_ORDER.index(d.name) if d.name in INDEX_ORDER else len(INDEX_ORDER), d.name))
+    lines = ["# The flatness-mismatch study: results", "",
+             "Each part below is the report its own command wrote (the command is named in it); "
+             "this file is rebuilt from them whenever a part's report is.", ""]
+    for d in parts:
+        found = [f for f in (d / "summary.md", d / "report.md") if f.exists()]
+        if not found:
+            continue
+        rebase = lambda m, d=d: m.group(1) + Path(os.path.relpath(os.path.normpath(d / m.group(2)), root)).as_posix() \
+            + m.group(3)  # noqa: E731
+        text = _LINK.sub(rebase, found[0].read_text(encoding="utf-8"))
+        lines += [f"<!-- {found[0].relative_to(root).as_posix()} -->"]
+        lines += [("#" + line) if line.startswith("#") else line for line in text.splitlines()] + [""]
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,135 @@
+"""The digits study's probe stage: what a user measures on a model too big for a dense Hessian, on the
+runs whose exact spectra :mod:`landscape.study.exact` knows (issue 14, items 4, 7 and 8).
+
+* Settings (:func:`strongest_settings`): per method, the setting whose merged-space λ₁ is lowest
+  against LoRA's with the same seed (the geometric-mean ratio of :func:`landscape.study.exact.own_space_effects`),
+  so that every method is shown where it changes the landscape most; plus LoRA and full fine-tuning.
+* Probes (:func:`probe_strongest`): every seed of those settings through the suite
+  (:func:`landscape.study.suite.probe_model`) on the training loss — the same 596 examples, one batch,
+  as the exact spectra — in the balanced LoRA, merged, tangent and normal spaces: λ₁ by Lanczos,
+  ΔL(σ) under Flat-LoRA's filter noise with :data:`NOISE_SAMPLES` draws per σ (its Monte-Carlo
+  interval beside it), worst-case sharpness beside its first-order term ρ‖∇L‖, and loss lines along
+  :data:`DIRECTIONS` filter-normalized directions → RESULTS/probes.csv, RESULTS/probes-curves.csv;
+* Planes: :data:`PLANE_GRID` × :data:`PLANE_GRID` merged-space loss planes of seed 0 for LoRA,
+  Flat-LoRA and SAM on W, each along the same seeded filter-normalized directions → RESULTS/planes.csv;
+* Figures: every figure the tables allow (:func:`landscape.study.pipeline.draw_figures`) as
+  FIGURES/digits-mlp-*.{png,pdf} (accuracies from the runs' metrics.json, which spectra.csv also holds).
+
+The probe parts are resumable and fingerprinted by each run's files and every probe setting
+(:func:`landscape.study.pipeline.probe_runs`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from flatlora import load_run
+from flatlora.io import atomic_write_text
+
+from ..curves import loss_plane
+from ..loss import Loss
+from .exact import SETTINGS, SPLIT, TASK, ExactStudyError, Setting, own_space_effects, run_path
+from .pipeline import draw_figures, probe_runs
+from .report import collect_metrics
+from .suite import ProbeSettings
+
+__all__ = ["strongest_settings", "probe_strongest", "probe_summary", "PROBE_SETTINGS", "PLANE_METHODS"]
+
+NOISE_SAMPLES = 64
+DIRECTIONS = 8
+PLANE_GRID = 21
+PLANE_METHODS = ("lora", "flat-lora", "sam-full")
+PROBE_SETTINGS = ProbeSettings(eig_tol=1e-4, sigmas=(0.02, 0.05, 0.1), noise_max_samples=NOISE_SAMPLES,
+                               noise_min_samples=NOISE_SAMPLES, rhos=(0.05,), worst_case_steps=5,
+                               num_directions=DIRECTIONS, alphas=21)
+
+
+def strongest_settings(spectra: pd.DataFrame) -> list[Setting]:
+    """LoRA, then per method the setting with the lowest geometric-mean ratio of merged-space λ₁ to
+    LoRA's with the same seed, then full fine-tuning (when it has runs) — from the exact study's
+    tidy table (spectra.csv)."""
+    effects = own_space_effects(spectra)
+    merged = effects[(effects["space"] == "merged") & effects["ratio"].notna()]
+    by_name = {s.name: s for s in SETTINGS}
+    chosen = [by_name["lora"]]
+    for method, g in merged.groupby(merged["setting"].map(lambda n: by_name[n].method), sort=False):
+        if method not in ("lora", "full-ft"):
+            chosen.append(by_name[g.loc[g["ratio"].idxmin(), "setting"]])
+    if (spectra["method"] == "full-ft").any():
+        chosen.append(by_name["full-ft"])
+    return chosen
+
+
+def _planes(runs: dict[str, Path], settings: ProbeSettings, batch_size: int) -> pd.DataFrame:
+    frames = []
+    for method, d in runs.items():
+        model, task, _ = load_run(d)
+        loss = Loss(task.batches(SPLIT, batch_size))
+        frame = loss_plane(model, loss, space="merged", grid=PLANE_GRID, span=settings.span, seed=settings.seed,
+                           progress=False)
+        frames.append(frame.assign(task=TASK, method=method, seed=0))
+    return pd.concat(frames, ignore_index=True)
+
+
+def probe_strongest(out: Path, results: Path, figures: Path, seeds: Sequence[int], *,
+                    settings: ProbeSettings = PROBE_SETTINGS, progress: bool = True) -> list[Path]:
+    """The probe stage (module docstring) on the finished runs under ``out``; returns the figures made.
+    Needs RESULTS/spectra.csv (the exact study's spectra stage) to choose the settings."""
+    results, figures = Path(results), Path(figures)
+    if not (results / "spectra.csv").exists():
+        raise ExactStudyError(f"{results / 'spectra.csv'} does not exist: run the spectra stage first")
+    chosen = strongest_settings(pd.read_csv(results / "spectra.csv"))
+    runs = [d for s in chosen for seed in seeds if ((d := run_path(out, s, seed)) / "metrics.json").exists()]
+    if not runs:
+        raise ExactStudyError(f"no finished run of {[s.name for s in chosen]} under {Path(out) / TASK}")
+    batch_size = len(load_run(runs[0])[1].splits[SPLIT])  # the whole split in one batch, as the exact spectra
+    probes, curves = probe_runs(runs, results / "probes.csv", settings, SPLIT, batch_size, batch_size,
+                                progress=progress, parts=Path(out) / TASK / "probe-parts")
+    seed0 = {s.method: run_path(out, s, seeds[0]) for s in chosen if s.method in PLANE_METHODS}
+    planes = _planes({m: d for m, d in seed0.items() if (d / "metrics.json").exists()}, settings, batch_size)
+    atomic_write_text(results / "planes.csv", planes.to_csv(index=False))
+    tables = {"metrics": collect_metrics(runs), "probes": probes, "curves": curves, "planes": planes}
+    return draw_figures(tables, figures, TASK)[0]
+
+
+SIGMA = 0.05  # the σ of ΔL the summary reports
+RHO = 0.05
+
+
+def probe_summary(probes: pd.DataFrame, spectra: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Per method × space over seeds: Lanczos λ₁ against the exact λ₁ of the same run (the largest
+    relative difference), ΔL(σ = :data:`SIGMA`) (mean, seed std, mean Monte-Carlo 95 % half-width, runs
+    whose interval excludes 0), worst-case sharpness at ρ = :data:`RHO` and its first-order term ρ‖∇L‖
+    (means). Returns the table and sentences (markdown bullets) made from it."""
+    pick = lambda measure, x: probes[(probes["measure"] == measure) & np.isclose(probes["x"], x)].set_index(  # noqa: E731
+        ["method", "space", "seed"])
+    probed = spectra[spectra["setting"].isin([s.name for s in strongest_settings(spectra)])]
+    exact = probed.set_index(["method", "space", "seed"])["lambda_max"]
+    lanczos, noise = pick("eigenvalue", 1)["value"], pick("expected_loss", SIGMA)
+    worst, first = pick("worst_case", RHO)["value"], pick("worst_case_first_order", RHO)["value"]
+    rel = ((lanczos - exact.reindex(lanczos.index)) / exact.reindex(lanczos.index)).abs()
+    excludes = (noise["value"] - noise["err"] > 0) | (noise["value"] + noise["err"] < 0)
+    frame = pd.DataFrame({"exact λ₁": exact.reindex(lanczos.index), "Lanczos λ₁": lanczos, "|rel. diff|": rel,
+                          "ΔL": noise["value"], "MC half-width": noise["err"], "excludes 0": excludes,
+                          "worst case": worst, "ρ‖∇L‖": first})
+    g = frame.groupby(level=["method", "space"], sort=False)
+    table = pd.DataFrame({"seeds": g.size(), "exact λ₁ (median)": g["exact λ₁"].median(),
+                          "Lanczos λ₁ (median)": g["Lanczos λ₁"].median(), "max rel. diff": g["|rel. diff|"].max(),
+                          f"ΔL(σ={SIGMA:g}) mean": g["ΔL"].mean(), "seed std": g["ΔL"].std(),
+                          "MC half-width (mean)": g["MC half-width"].mean(),
+                          "runs with CI ∌ 0": g["excludes 0"].sum().astype(int).astype(str) + "/" + g.size().astype(str),
+                          f"worst case (ρ={RHO:g})": g["worst case"].mean(), "ρ‖∇L‖": g["ρ‖∇L‖"].mean()}).reset_index()
+    share = frame["worst case"] / frame["ρ‖∇L‖"]
+    lines = [f"- Lanczos λ₁ (tolerance {PROBE_SETTINGS.eig_tol:g}) against the exact λ₁ of the same run and space: "
+             f"largest relative difference {rel.max():.2g} over {rel.notna().sum()} run × space pairs.",
+             f"- ΔL(σ = {SIGMA:g}) with {NOISE_SAMPLES} noise draws: its 95 % interval excludes 0 in "
+             f"{int(excludes.sum())} of {len(excludes)} run × space pairs; the Monte-Carlo half-width is "
+             f"{(noise['err'] / noise['value'].abs()).median():.2g} of |ΔL| (median).",
+             f"- Worst-case sharpness at ρ = {RHO:g} over its first-order term ρ‖∇L‖: median {share.median():.3g} "
+             f"(range {share.min():.3g}–{share.max():.3g}); at these trained points the gradient is "
+             + ("small and the worst case measures curvature." if share.median() > 2 else
+                "not negligible, and the worst case is largely slope.")]
+    return table, lines
