@@ -14,11 +14,41 @@ EXACT = ROOT / "results" / "study" / "digits-exact" / "summary.md"
 EXACT_SECTION = "### Study v2: digits-mlp with exact spectra"
 
 
-def _exact_section() -> str:
+SWEEP = ROOT / "results" / "study" / "rt-minilm-sweep" / "summary.md"
+SWEEP_SECTION = "### MiniLM: the settings sweep"
+GRID = {"0.003", "0.01", "0.03", "0.05", "0.1", "0.2"}  # the settings' ρ and σ, named in setting names
+
+
+def _section(title: str) -> str:
+    """The README's section that starts with ``title``, up to the next heading of its level or above."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index(EXACT_SECTION):]
-    ends = [i for head in ("\n### ", "\n## ") if (i := section.find(head, len(EXACT_SECTION))) >= 0]
+    section = readme[readme.index(title):]
+    ends = [i for head in ("\n### ", "\n## ") if (i := section.find(head, len(title))) >= 0]
     return section[: min(ends, default=len(section))]
+
+
+def _exact_section() -> str:
+    return _section(EXACT_SECTION)
+
+
+def _tables(text: str) -> list[list[str]]:
+    """The markdown tables of ``text``: runs of consecutive lines that start with "|"."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables, current = tables + [current], []
+    return tables
+
+
+def _prose_decimals(section: str) -> set[str]:
+    """Every decimal in ``section`` outside tables and code blocks."""
+    import re
+
+    prose = re.sub(r"```.*?```", "", section, flags=re.S)
+    prose = "\n".join(line for line in prose.splitlines() if not line.startswith("|"))
+    return set(re.findall(r"(?<![\w.])\d+\.\d+(?:e-?\d+)?", prose))
 
 
 def test_readme_quotes_the_exact_digits_summary_as_it_is():
@@ -38,15 +68,21 @@ def test_readme_quotes_the_exact_digits_summary_as_it_is():
 def test_every_decimal_in_the_exact_digits_prose_is_in_the_summary():
     """The prose around the tables holds no number of its own: each decimal in it (outside tables and
     code) appears in summary.md — so a rerun that changes a number fails here until the README says it."""
-    import re
-
-    section, summary = _exact_section(), EXACT.read_text(encoding="utf-8")
-    prose = re.sub(r"```.*?```", "", section, flags=re.S)
-    prose = "\n".join(line for line in prose.splitlines() if not line.startswith("|"))
-    numbers = set(re.findall(r"(?<![\w.])\d+\.\d+(?:e-?\d+)?", prose))
+    numbers = _prose_decimals(_exact_section())
     assert numbers, "the section quotes no numbers"
-    grid = {"0.003", "0.01", "0.03", "0.05", "0.1", "0.2"}  # the settings' ρ and σ, named in setting names
-    assert sorted(n for n in numbers - grid if n not in summary) == []
+    assert sorted(n for n in numbers - GRID if n not in EXACT.read_text(encoding="utf-8")) == []
+
+
+def test_readme_quotes_the_minilm_sweep_summary_as_it_is():
+    """Both of the README's MiniLM sweep tables (the settings, the noise check) are tables of the
+    committed rt-minilm-sweep/summary.md, whole: every row, none missing."""
+    tables = _tables(SWEEP.read_text(encoding="utf-8"))
+    assert _tables(_section(SWEEP_SECTION)) == [tables[0], tables[-1]]
+
+
+def test_every_decimal_in_the_minilm_sweep_prose_is_in_its_summary():
+    numbers = _prose_decimals(_section(SWEEP_SECTION))
+    assert sorted(n for n in numbers - GRID if n not in SWEEP.read_text(encoding="utf-8")) == []
 
 
 def test_the_exact_digits_correlation_recomputed_with_scipy():

@@ -73,6 +73,16 @@ def test_the_noise_check_stage_writes_every_sigma_and_names_its_run(swept, tmp_p
         sweep.noise_check(out, tmp_path, "test", seed=7, task="digits-mlp")
 
 
+def test_the_sweep_report_quotes_the_noise_check_means_per_sigma(swept, tmp_path):
+    out, table = swept
+    rows = sweep.noise_check(out, tmp_path, "test", task="digits-mlp")
+    sweep.write_sweep_report(table, tmp_path, "test")
+    text = (tmp_path / "summary.md").read_text()
+    means = rows.groupby("sigma")["noise_change"].mean()
+    assert "## Does the noise do anything? (the noise check)" in text
+    assert all(f"| {sigma:.3g} | {change:.3g} |" in text for sigma, change in means.items())
+
+
 def test_the_noise_check_measures_the_gradient_change_of_one_draw(linear_lora):
     """On a small LoRA model: the noise change grows with σ, linearly at small σ; the batch change
     does not depend on σ and equals the one computed here; the model is left bit for bit."""

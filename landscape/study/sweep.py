@@ -127,9 +127,9 @@ def sweep_table(out: Path, settings: Sequence[Setting] = SWEEP_SETTINGS, seeds: 
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Per setting: seeds, mean validation accuracy, median own-space and merged λ₁, and the geometric
-    means over seeds of own-space λ₁ / plain LoRA's λ₁ in that space and of merged λ₁ / LoRA's merged
-    λ₁, each with the same seed."""
+    """Per setting: seeds, mean validation accuracy, median training wall time (minutes), median
+    own-space and merged λ₁, and the geometric means over seeds of own-space λ₁ / plain LoRA's λ₁ in
+    that space and of merged λ₁ / LoRA's merged λ₁, each with the same seed."""
     lora = table[table["method"] == "lora"].set_index("seed")
     rows = []
     for setting, g in table.groupby("setting", sort=False):
@@ -139,7 +139,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         base = lora[f"lambda_{sp}"].reindex(own.index).dropna() if len(lora) else own.iloc[:0]
         base_merged = lora["lambda_merged"].reindex(merged.index).dropna() if len(lora) else merged.iloc[:0]
         rows.append({"setting": setting, "method": g["method"].iloc[0], "seeds": len(g),
-                     "val_accuracy": g["val_accuracy"].mean(), "own_space": sp,
+                     "val_accuracy": g["val_accuracy"].mean(), "train_minutes": g["wall_time_s"].median() / 60,
+                     "own_space": sp,
                      "lambda_own": g["lambda_own"].median(), "lambda_merged": g["lambda_merged"].median(),
                      "own_ratio_to_lora": paired_log_ratio(own.loc[base.index], base)["ratio"],
                      "merged_ratio_to_lora": paired_log_ratio(merged.loc[base_merged.index], base_merged)["ratio"]})
