@@ -110,12 +110,13 @@ def plot_expected_loss(frame: pd.DataFrame, *, by: str = "space", ax=None, logy:
 
 
 def save_figure(fig, path: Union[str, os.PathLike]) -> list[Path]:
-    """Write ``path`` with suffix ``.png`` (200 dpi) and ``.pdf``; return both paths."""
+    """Write ``path`` with suffix ``.png`` (200 dpi) and ``.pdf``; return both paths. The PDF carries
+    no creation date, so the same figure is the same file (a rerun does not churn committed figures)."""
     stem = Path(path).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     fig.savefig(out[0], dpi=200)
-    fig.savefig(out[1])
+    fig.savefig(out[1], metadata={"CreationDate": None})
     return out
 
 

@@ -472,24 +472,23 @@ def accuracy_findings(accuracy: pd.DataFrame, within: pd.DataFrame) -> list[str]
     return lines
 
 
-def _probe_section(results: Path, table: pd.DataFrame) -> list[str]:
-    """[the probe stage's findings as one block of bullets, then its section of the report], or [] when
-    the probe stage (:mod:`landscape.study.exact_probes`) has not run."""
+def _probe_section(results: Path, table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(the probe stage's findings as bullets, its section of the report), both empty when the probe
+    stage (:mod:`landscape.study.exact_probes`) has not run."""
     if not (results / "probes.csv").exists():
-        return []
+        return [], []
     from .exact_probes import PROBE_SETTINGS, probe_summary  # it builds on this module
 
     probes = pd.read_csv(results / "probes.csv")
     summary, lines = probe_summary(probes, table)
     seeds = probes.groupby("method")["seed"].nunique()
     seeds = f"{seeds.min()} seeds" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()} seeds"
-    return ["\n".join(lines),
-            "## The probe suite on each method's strongest setting", "",
-            f"Per method the setting that lowers merged λ₁ most against LoRA, {seeds} each, "
-            f"probed on the same training loss as the spectra (`probes.csv`; suite settings: "
-            f"{PROBE_SETTINGS.noise_max_samples} noise draws per σ, {PROBE_SETTINGS.num_directions} line directions, "
-            f"worst case by {PROBE_SETTINGS.worst_case_steps} ascent steps).", "",
-            markdown_table(summary, floatfmt=".3g"), ""]
+    return lines, ["## The probe suite on each method's strongest setting", "",
+                   f"Per method the setting that lowers merged λ₁ most against LoRA, {seeds} each, "
+                   f"probed on the same training loss as the spectra (`probes.csv`; suite settings: "
+                   f"{PROBE_SETTINGS.noise_max_samples} noise draws per σ, {PROBE_SETTINGS.num_directions} line "
+                   f"directions, worst case by {PROBE_SETTINGS.worst_case_steps} ascent steps).", "",
+                   markdown_table(summary, floatfmt=".3g"), ""]
 
 
 def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str, *, seed: int = 0) -> dict:
@@ -514,8 +513,8 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
     summary.update(accuracy_against_lora=accuracy.to_dict(orient="records"),
                    sharpness_accuracy_within_setting=within.to_dict(orient="records"))
     made = save_figure(fig_lora_vs_merged(table), figures / FIGURE)
-    probe_lines = _probe_section(results, table)
-    made += sorted(figures.glob(f"{TASK}-*.png")) if probe_lines else []
+    probe_findings, probe_section = _probe_section(results, table)
+    made += sorted(figures.glob(f"{TASK}-*.png")) if probe_section else []
     per_setting = table.pivot_table(index="setting", columns="space", values="lambda_max", aggfunc="median",
                                     sort=False).reindex(columns=[s for s in SPACES if s in set(table["space"])])
     per_setting = per_setting.join(table.groupby("setting", sort=False)[["accuracy", "train_loss"]].mean())
@@ -530,7 +529,7 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         f"Balanced LoRA space vs merged space, all LoRA runs: ρ = {_fmt(main['rho'])} "
         f"[{_fmt(main['low'])}, {_fmt(main['high'])}], n = {int(main['n'])}.", "",
         "## Findings (sentences made from the tables below)", "", *findings(corr, mismatch, effects, table),
-        *accuracy_findings(accuracy, within), *probe_lines[:1], "",
+        *accuracy_findings(accuracy, within), *probe_findings, "",
         "## Runs flat in one space and sharp in the other", "",
         "(λ₁ below the median in one space, in the top quartile in the other, among the LoRA runs)", "",
         *[f"- {k}: {', '.join(v) if v else 'none'}" for k, v in mismatch.items()], "",
@@ -553,7 +552,7 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         markdown_table(within.pivot(index="setting", columns="space", values="rho").reindex(
             index=list(per_setting.index), columns=[s for s in SPACES if s in set(within["space"])]).reset_index(),
             floatfmt=".2f"), "",
-        *probe_lines[1:],
+        *probe_section,
         *[f"![{p.stem}]({Path(os.path.relpath(p.resolve(), results.resolve())).as_posix()})" for p in made
           if p.suffix == ".png"],
     ]

@@ -32,16 +32,16 @@ from flatlora.io import atomic_write_text
 from ..curves import loss_plane
 from ..loss import Loss
 from .exact import SETTINGS, SPLIT, TASK, ExactStudyError, Setting, own_space_effects, run_path
+from .figures import PLANE_METHODS
 from .pipeline import draw_figures, probe_runs
 from .report import collect_metrics
 from .suite import ProbeSettings
 
-__all__ = ["strongest_settings", "probe_strongest", "probe_summary", "PROBE_SETTINGS", "PLANE_METHODS"]
+__all__ = ["strongest_settings", "probe_strongest", "probe_summary", "PROBE_SETTINGS"]
 
 NOISE_SAMPLES = 64
 DIRECTIONS = 8
 PLANE_GRID = 21
-PLANE_METHODS = ("lora", "flat-lora", "sam-full")
 PROBE_SETTINGS = ProbeSettings(eig_tol=1e-4, sigmas=(0.02, 0.05, 0.1), noise_max_samples=NOISE_SAMPLES,
                                noise_min_samples=NOISE_SAMPLES, rhos=(0.05,), worst_case_steps=5,
                                num_directions=DIRECTIONS, alphas=21)
@@ -63,14 +63,16 @@ def strongest_settings(spectra: pd.DataFrame) -> list[Setting]:
     return chosen
 
 
-def _planes(runs: dict[str, Path], settings: ProbeSettings, batch_size: int) -> pd.DataFrame:
+def _planes(runs: dict[str, Path], seed: int, settings: ProbeSettings, batch_size: int) -> pd.DataFrame:
+    """Each run's merged-space loss plane (:data:`PLANE_GRID` points a side, the suite's span and
+    direction seed), tagged with its method and the training ``seed``."""
     frames = []
     for method, d in runs.items():
         model, task, _ = load_run(d)
         loss = Loss(task.batches(SPLIT, batch_size))
         frame = loss_plane(model, loss, space="merged", grid=PLANE_GRID, span=settings.span, seed=settings.seed,
                            progress=False)
-        frames.append(frame.assign(task=TASK, method=method, seed=0))
+        frames.append(frame.assign(task=TASK, method=method, seed=seed))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -89,7 +91,8 @@ def probe_strongest(out: Path, results: Path, figures: Path, seeds: Sequence[int
     probes, curves = probe_runs(runs, results / "probes.csv", settings, SPLIT, batch_size, batch_size,
                                 progress=progress, parts=Path(out) / TASK / "probe-parts")
     seed0 = {s.method: run_path(out, s, seeds[0]) for s in chosen if s.method in PLANE_METHODS}
-    planes = _planes({m: d for m, d in seed0.items() if (d / "metrics.json").exists()}, settings, batch_size)
+    planes = _planes({m: d for m, d in seed0.items() if (d / "metrics.json").exists()}, seeds[0], settings,
+                     batch_size)
     atomic_write_text(results / "planes.csv", planes.to_csv(index=False))
     tables = {"metrics": collect_metrics(runs), "probes": probes, "curves": curves, "planes": planes}
     return draw_figures(tables, figures, TASK)[0]
