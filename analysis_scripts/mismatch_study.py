@@ -4,6 +4,15 @@
     .venv/bin/python analysis_scripts/mismatch_study.py --out runs/study            # everything
     .venv/bin/python analysis_scripts/mismatch_study.py --out runs/study --stage train
 
+The long MiniLM runs of issue 14 (≥ 2 epochs, 5 seeds, the reference recipe, each method at the
+setting that changed the landscape most in the digits study):
+
+    .venv/bin/python analysis_scripts/mismatch_study.py --seeds 0 1 2 3 4 \
+        --steps rt-minilm=1350 r8-minilm=940 --lr 5e-4 --lora-targets all-linear \
+        --sigma 0.2 --schedule constant --rho-lora 0.1 --rho-full 0.1
+
+A finished run trained otherwise than asked is an error, never reused.
+
 Stages (each resumable — finished runs and probe results are reused):
 
 1. ``train``  — ``flatlora.run`` for each task × method × seed into OUT/TASK/METHOD-sSEED/;
@@ -21,9 +30,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flatlora.cli import ArgumentParser
+from flatlora.cli import ArgumentParser, fail
 from flatlora import distributed
-from landscape.study.pipeline import DEFAULT_METHODS, STAGES, run_study
+from landscape.study.pipeline import DEFAULT_METHODS, STAGES, Recipe, StudySettingsError, run_study
 from landscape.study.report import write_index
 from landscape.study.suite import ProbeSettings
 
@@ -38,6 +47,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", nargs="+", default=["rt-minilm=150", "r8-minilm=100"],
                    help="TASK=STEPS per task (tasks not named use their default)")
     p.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the LoRA-family methods (default: each method's; full-ft keeps its own)")
+    p.add_argument("--lora-targets", default=None, choices=("all-linear",),
+                   help="LoRA on every linear layer of the encoder (default: the task's, query and value on MiniLM)")
+    p.add_argument("--sigma", type=float, default=None, help="Flat-LoRA's σ (default: TrainConfig's)")
+    p.add_argument("--schedule", default=None, choices=("cosine", "constant"),
+                   help="Flat-LoRA's σ schedule (default: TrainConfig's)")
+    p.add_argument("--rho-lora", type=float, default=None, help="SAM's ρ on the LoRA factors (sam-lora)")
+    p.add_argument("--rho-full", type=float, default=None, help="SAM's ρ on the merged weights (sam-full)")
     p.add_argument("--results", default="results/study/minilm",
                    help="tables and the report (committed); the study's index RESULTS/../report.md is rebuilt")
     # the probe suite's settings (analysis_scripts/probe.py): the LoRA space in the balanced gauge
@@ -60,10 +78,15 @@ def main(argv=None) -> int:
         if name in steps:
             steps[name] = int(value)
     command = "python analysis_scripts/mismatch_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    run_study(Path(a.out), Path(a.results), Path(a.figures), tasks=a.tasks, methods=a.methods, seeds=a.seeds,
-              steps=steps, stages=a.stage, settings=ProbeSettings.from_arguments(a), split=a.split,
-              examples=a.examples, batch_size=a.batch_size, robust_examples=a.robust_examples,
-              progress=not a.no_progress, command=command)
+    recipe = Recipe(lr=a.lr, lora_targets=a.lora_targets, sigma=a.sigma, schedule=a.schedule, rho_lora=a.rho_lora,
+                    rho_full=a.rho_full)
+    try:
+        run_study(Path(a.out), Path(a.results), Path(a.figures), tasks=a.tasks, methods=a.methods, seeds=a.seeds,
+                  steps=steps, stages=a.stage, settings=ProbeSettings.from_arguments(a), split=a.split,
+                  examples=a.examples, batch_size=a.batch_size, robust_examples=a.robust_examples,
+                  progress=not a.no_progress, command=command, recipe=recipe)
+    except StudySettingsError as e:
+        fail(str(e))
     if "report" in a.stage and distributed.is_main():
         print(f"index: {write_index(Path(a.results).parent)}")
     return 0

@@ -41,3 +41,27 @@ def test_miniature_study_end_to_end(tmp_path, shared_digits_pretraining):
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}
     assert mismatch_study["main"](args[:-1] + ["--stage", "train", "--no-progress"]) == 0
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}
+
+
+def test_the_recipe_gives_each_method_its_own_fields():
+    from landscape.study.pipeline import Recipe
+
+    r = Recipe(lr=5e-4, lora_targets="all-linear", sigma=0.2, schedule="constant", rho_lora=0.1, rho_full=0.05)
+    everywhere = {"task_options": {"lora_targets": "all-linear"}}
+    assert r.fields("full-ft") == everywhere  # full fine-tuning keeps its own learning rate
+    assert r.fields("lora") == {"lr": 5e-4, **everywhere}
+    assert r.fields("flat-lora") == {"lr": 5e-4, **everywhere, "sigma": 0.2, "schedule": "constant"}
+    assert r.fields("sam-lora") == {"lr": 5e-4, **everywhere, "rho": 0.1}
+    assert r.fields("sam-full") == {"lr": 5e-4, **everywhere, "rho": 0.05}
+    assert Recipe().fields("flat-lora") == {}
+
+
+def test_a_finished_run_trained_otherwise_is_refused_not_reused(tmp_path, shared_digits_pretraining, capsys):
+    args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--tasks", "digits-mlp",
+            "--methods", "lora", "--seeds", "0", "--steps", "digits-mlp=4", "--stage", "train", "--no-progress"]
+    assert mismatch_study["main"](args) == 0
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        mismatch_study["main"](args + ["--lr", "0.05"])
+    assert e.value.code != 0 and "trained with other ['lr']" in capsys.readouterr().err

@@ -70,7 +70,7 @@ from ..plot import new_figure, save_figure
 from ..results import PartFiles
 from ..space import space
 from .figures import method_color
-from .pipeline import run_fingerprint
+from .pipeline import differing_settings, run_fingerprint
 from .report import holm, markdown_table, paired_differences, paired_log_ratio, within_group_spearman
 
 __all__ = ["ExactStudyError", "Setting", "SETTINGS", "SPACES", "STAGES", "STEPS", "TASK", "select_settings",
@@ -156,9 +156,8 @@ def train_runs(out: Path, settings: Sequence[Setting], seeds: Sequence[int], ste
             d = run_path(out, setting, seed, task)
             cfg = setting.config(seed, steps, task, **fields)
             if (d / "metrics.json").exists():
-                saved = read_json(d / "config.json")
-                wanted = {"method": cfg.method, "seed": seed, "steps": steps, **fields, **setting.settings()}
-                differ = sorted(k for k, v in wanted.items() if saved.get(k) != v)
+                differ = differing_settings(d, {"method": cfg.method, "seed": seed, "steps": steps, **fields,
+                                                **setting.settings()})
                 if differ:
                     raise ExactStudyError(f"{d} holds a finished run with other settings ({differ}); delete it "
                                           "or pass another --out")

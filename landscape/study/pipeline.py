@@ -39,7 +39,7 @@ from .report import accuracy_section, collect_metrics, markdown_table, robustnes
 from .robustness import corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -270,18 +270,61 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / task / f"{method}-s{seed}"
 
 
-def train_all(out: Path, tasks, methods, seeds, steps: dict, progress: bool) -> None:
+class StudySettingsError(ValueError):
+    """A run folder holds a run trained otherwise than the study now asks (its results would be mixed in)."""
+
+
+def differing_settings(run_path: Path, wanted: dict) -> list[str]:
+    """The keys of ``wanted`` (TrainConfig fields) whose value differs from the finished run's config.json."""
+    saved = read_json(Path(run_path) / "config.json")
+    return sorted(k for k, v in wanted.items() if saved.get(k) != v)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the study trains beyond task, method, seed and steps (``None``: TrainConfig's default):
+    the LoRA-family learning rate (full fine-tuning keeps its own), where LoRA goes
+    (``lora_targets``, e.g. "all-linear"), Flat-LoRA's σ and schedule, and SAM's ρ on (A, B)
+    (``rho_lora``) and on the merged weights (``rho_full``)."""
+
+    lr: Optional[float] = None
+    lora_targets: Optional[str] = None
+    sigma: Optional[float] = None
+    schedule: Optional[str] = None
+    rho_lora: Optional[float] = None
+    rho_full: Optional[float] = None
+
+    def fields(self, method: str) -> dict:
+        """The TrainConfig fields this recipe sets for ``method``."""
+        given = {"lr": self.lr if method != "full-ft" else None,
+                 "task_options": {"lora_targets": self.lora_targets} if self.lora_targets else None,
+                 "sigma": self.sigma if method == "flat-lora" else None,
+                 "schedule": self.schedule if method == "flat-lora" else None,
+                 "rho": {"sam-lora": self.rho_lora, "sam-full": self.rho_full}.get(method)}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+def train_all(out: Path, tasks, methods, seeds, steps: dict, progress: bool, recipe: Recipe = Recipe()) -> None:
+    """Train every task × method × seed that has no finished run (an interrupted one resumes). A
+    finished run trained with other settings is a :class:`StudySettingsError`: it would be reused as
+    if it were this study's."""
     for task in tasks:  # method-major: every seed of the first methods before the next method
         for method in methods:
+            fields = recipe.fields(method)
             for seed in seeds:
                 d = run_dir(out, task, method, seed)
                 if distributed.broadcast_object((d / "metrics.json").exists()):
+                    differ = differing_settings(d, {"method": method, "seed": seed, "steps": steps[task], **fields})
+                    if differ:
+                        raise StudySettingsError(f"{d} holds a finished run trained with other {differ}; delete it "
+                                                 "or pass another --out")
                     continue
                 say(f"[study] train {task} {method} seed {seed} ({steps[task]} steps) → {d}")
                 try:
-                    run(TrainConfig(task=task, method=method, seed=seed, steps=steps[task]), d, progress=progress)
-                except RunExistsError as e:
-                    say(f"[study] {e}")
+                    run(TrainConfig(task=task, method=method, seed=seed, steps=steps[task], **fields), d,
+                        progress=progress)
+                except RunExistsError as e:  # an interrupted run with other settings
+                    raise StudySettingsError(f"{e}; or delete {d}, or pass another --out") from None
 
 
 def finished_runs(out: Path, task: str, methods, seeds) -> list[Path]:
@@ -380,13 +423,14 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
 
 def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], methods: Sequence[str],
               seeds: Sequence[int], steps: dict, stages: Sequence[str], settings: ProbeSettings, split: str,
-              examples: int, batch_size: int, robust_examples: int, progress: bool, command: str) -> None:
+              examples: int, batch_size: int, robust_examples: int, progress: bool, command: str,
+              recipe: Recipe = Recipe()) -> None:
     """The stages in order (each skips what is already done): ``train`` every task × method × seed
     into OUT/TASK/METHOD-sSEED/, ``probe`` them (results/TASK/probes.csv, planes.csv), ``robust``
     (results/TASK/robustness.csv), ``report`` (figures and results/report.md)."""
     out, results = Path(out), Path(results)
     if "train" in stages:
-        train_all(out, tasks, methods, seeds, steps, progress=progress)
+        train_all(out, tasks, methods, seeds, steps, progress=progress, recipe=recipe)
     for task in tasks:
         runs = finished_runs(out, task, methods, seeds)
         if "probe" in stages and runs:
