@@ -111,3 +111,13 @@ def test_the_noise_check_measures_the_gradient_change_of_one_draw(linear_lora):
     frozen = noise_gradient_effect(linear_lora, batches, [0.01, 0.02, 0.2])
     pd.testing.assert_frame_equal(frozen, rows)
     assert not any(p.requires_grad for p in linear_lora.parameters())
+
+
+def test_the_sweep_report_correlates_the_two_spaces_across_runs(swept, tmp_path):
+    from scipy import stats
+
+    _, table = swept
+    sweep.write_sweep_report(table, tmp_path, "test")
+    rho = stats.spearmanr(table["lambda_lora-balanced"], table["lambda_merged"]).statistic
+    assert f"across the {len(table)} runs (every setting and seed): Spearman ρ = {rho:.3g} [" in (
+        tmp_path / "summary.md").read_text()

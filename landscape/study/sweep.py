@@ -31,7 +31,7 @@ from flatlora.io import atomic_write_json, atomic_write_text, read_json
 from ..hessian import hessian_eigenvalues
 from ..loss import Loss
 from ..results import PartFiles
-from .exact import SETTINGS, Setting, run_path, train_runs
+from .exact import MIN_RUNS, SETTINGS, Setting, run_path, spearman_interval, train_runs
 from .noise_check import noise_gradient_effect
 from .pipeline import run_fingerprint
 from .report import markdown_table, paired_log_ratio
@@ -158,6 +158,18 @@ def choose(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _claim_section(table: pd.DataFrame) -> list[str]:
+    """Spearman's ρ of balanced-LoRA λ₁ against merged λ₁ across every run of the sweep, with its BCa
+    bootstrap interval (:func:`~landscape.study.exact.spearman_interval`), once there are
+    :data:`~landscape.study.exact.MIN_RUNS` runs."""
+    if len(table) < MIN_RUNS:
+        return []
+    r = spearman_interval(table[f"lambda_{BALANCED}"], table["lambda_merged"])
+    return ["", "## The claim across the sweep's runs", "",
+            f"Balanced-LoRA λ₁ against merged λ₁ across the {r['n']} runs (every setting and seed): Spearman "
+            f"ρ = {r['rho']:.3g} [{r['low']:.3g}, {r['high']:.3g}] (BCa bootstrap 95 %), p = {r['p']:.2g}."]
+
+
 def _noise_section(results: Path) -> list[str]:
     """The noise check's means per σ (RESULTS/noise_check.csv, from :func:`noise_check`), when there is one."""
     if not (results / "noise_check.csv").exists():
@@ -184,6 +196,7 @@ def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.D
              f"Made by `{command}` from `sweep.csv`.", "",
              "## Per setting (accuracy: mean; λ₁: median over seeds; ratios: geometric mean of own-space and of "
              "merged λ₁ over LoRA's in the same space with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
-             "## The settings the comparison uses", "", markdown_table(chosen), *_noise_section(results)]
+             "## The settings the comparison uses", "", markdown_table(chosen), *_claim_section(table),
+             *_noise_section(results)]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
     return chosen
