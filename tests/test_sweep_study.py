@@ -44,16 +44,16 @@ def test_the_sweep_reuses_its_parts(swept, monkeypatch):
 def test_summary_ratios_pair_seeds_and_choose_picks_per_method(swept, tmp_path):
     _, table = swept
     summary = sweep.summarize(table).set_index("setting")
-    assert summary.loc["lora", "own_ratio_to_lora"] == pytest.approx(1.0)
+    assert summary.loc["lora", ["ratio_lora-balanced", "ratio_merged"]].tolist() == pytest.approx([1.0, 1.0])
     lora = table[table["method"] == "lora"].set_index("seed")
     g = table[table["setting"] == "sam-full-rho0.05"].set_index("seed")
     expected = np.exp(np.mean(np.log(g["lambda_merged"] / lora["lambda_merged"])))
-    assert summary.loc["sam-full-rho0.05", "own_ratio_to_lora"] == pytest.approx(expected, rel=1e-12)
+    assert summary.loc["sam-full-rho0.05", "ratio_merged"] == pytest.approx(expected, rel=1e-12)
     chosen = sweep.write_sweep_report(table, tmp_path / "new", "test").set_index("method")
     assert list(chosen.index) == ["sam-lora", "sam-full"]
     sam = summary[summary["method"] == "sam-lora"]
     assert chosen.loc["sam-lora", "best_validation"] == sam["val_accuracy"].idxmax()
-    assert chosen.loc["sam-lora", "flattest_own_space"] == sam["own_ratio_to_lora"].idxmin()
+    assert chosen.loc["sam-lora", "flattest_own_space"] == sam["ratio_lora-balanced"].idxmin()  # its own space
     assert (tmp_path / "new" / "sweep.csv").exists()
     assert "## The settings the comparison uses" in (tmp_path / "new" / "summary.md").read_text()
 

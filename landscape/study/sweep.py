@@ -126,35 +126,36 @@ def sweep_table(out: Path, settings: Sequence[Setting] = SWEEP_SETTINGS, seeds: 
     return pd.DataFrame(rows)
 
 
+SUMMARY_SPACES = (BALANCED, "merged")
+
+
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Per setting: seeds, mean validation accuracy, median training wall time (minutes), median
-    own-space and merged λ₁, and the geometric means over seeds of own-space λ₁ / plain LoRA's λ₁ in
-    that space and of merged λ₁ / LoRA's merged λ₁, each with the same seed."""
+    """Per setting: seeds, mean validation accuracy, median training wall time (minutes), its own
+    space, and in each of :data:`SUMMARY_SPACES` the median λ₁ over seeds and ``ratio_SPACE``, the
+    geometric mean over seeds of λ₁ / plain LoRA's λ₁ in that space with the same seed."""
     lora = table[table["method"] == "lora"].set_index("seed")
     rows = []
     for setting, g in table.groupby("setting", sort=False):
-        sp = g["own_space"].iloc[0]
-        own = g.set_index("seed")["lambda_own"]
-        merged = g.set_index("seed")["lambda_merged"]
-        base = lora[f"lambda_{sp}"].reindex(own.index).dropna() if len(lora) else own.iloc[:0]
-        base_merged = lora["lambda_merged"].reindex(merged.index).dropna() if len(lora) else merged.iloc[:0]
-        rows.append({"setting": setting, "method": g["method"].iloc[0], "seeds": len(g),
-                     "val_accuracy": g["val_accuracy"].mean(), "train_minutes": g["wall_time_s"].median() / 60,
-                     "own_space": sp,
-                     "lambda_own": g["lambda_own"].median(), "lambda_merged": g["lambda_merged"].median(),
-                     "own_ratio_to_lora": paired_log_ratio(own.loc[base.index], base)["ratio"],
-                     "merged_ratio_to_lora": paired_log_ratio(merged.loc[base_merged.index], base_merged)["ratio"]})
+        g = g.set_index("seed")
+        row = {"setting": setting, "method": g["method"].iloc[0], "seeds": len(g),
+               "val_accuracy": g["val_accuracy"].mean(), "train_minutes": g["wall_time_s"].median() / 60,
+               "own_space": g["own_space"].iloc[0]}
+        for sp in SUMMARY_SPACES:
+            x, base = g[f"lambda_{sp}"], lora[f"lambda_{sp}"].reindex(g.index).dropna()
+            row[f"lambda_{sp}"] = x.median()
+            row[f"ratio_{sp}"] = paired_log_ratio(x.loc[base.index], base)["ratio"]
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def choose(summary: pd.DataFrame) -> pd.DataFrame:
     """Per method (plain LoRA aside): the setting with the best validation accuracy and the setting
-    with the lowest own-space λ₁ relative to LoRA's."""
+    with the lowest λ₁ relative to LoRA's in its own space."""
     rows = []
     for method, g in summary[summary["method"] != "lora"].groupby("method", sort=False):
+        own = pd.Series([r[f"ratio_{r['own_space']}"] for _, r in g.iterrows()], index=g.index)
         rows.append({"method": method, "best_validation": g.loc[g["val_accuracy"].idxmax(), "setting"],
-                     "flattest_own_space": g.loc[g["own_ratio_to_lora"].idxmin(), "setting"]
-                     if g["own_ratio_to_lora"].notna().any() else "—"})
+                     "flattest_own_space": g.loc[own.idxmin(), "setting"] if own.notna().any() else "—"})
     return pd.DataFrame(rows)
 
 
@@ -194,8 +195,8 @@ def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.D
     atomic_write_text(results / "sweep.csv", table.to_csv(index=False))
     lines = [f"# The settings sweep: {table['setting'].nunique()} settings × {table['seed'].nunique()} seed(s)", "",
              f"Made by `{command}` from `sweep.csv`.", "",
-             "## Per setting (accuracy: mean; λ₁: median over seeds; ratios: geometric mean of own-space and of "
-             "merged λ₁ over LoRA's in the same space with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
+             "## Per setting (accuracy: mean; λ₁: median over seeds; ratio: geometric mean over seeds of λ₁ over "
+             "LoRA's in the same space with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
              "## The settings the comparison uses", "", markdown_table(chosen), *_claim_section(table),
              *_noise_section(results)]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
