@@ -14,7 +14,7 @@ Stages (each resumable — finished runs and per-run spectra are reused):
 1. ``train``   — OUT/digits-mlp/SETTING-sSEED/;
 2. ``spectra`` — one part per run in OUT/digits-mlp/exact-parts/, then RESULTS/spectra.csv (tidy);
 3. ``probe``   — the probe suite and loss planes on every seed of each method's strongest setting
-   (landscape.study.exact_probes): RESULTS/probes.csv, planes.csv, metrics.csv and FIGURES/digits-mlp-*;
+   (landscape.study.exact_probes): RESULTS/probes.csv, planes.csv and FIGURES/digits-mlp-*;
 4. ``report``  — from those tables: RESULTS/summary.json, RESULTS/summary.md (with the accuracy tests and
    the probe summary), FIGURES/digits-exact-lora-vs-merged.{png,pdf}, and the study's index
    RESULTS/../report.md (landscape.study.report.write_index).

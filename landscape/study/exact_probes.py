@@ -9,7 +9,8 @@ runs whose exact spectra :mod:`landscape.study.exact` knows (issue 14, items 4, 
   as the exact spectra — in the balanced LoRA, merged, tangent and normal spaces: λ₁ by Lanczos,
   ΔL(σ) under Flat-LoRA's filter noise with :data:`NOISE_SAMPLES` draws per σ (its Monte-Carlo
   interval beside it), worst-case sharpness beside its first-order term ρ‖∇L‖, and loss lines along
-  :data:`DIRECTIONS` filter-normalized directions → RESULTS/probes.csv, RESULTS/probes-curves.csv;
+  :data:`DIRECTIONS` filter-normalized directions → RESULTS/probes.csv (the line curves, some MBs, in
+  OUT/digits-mlp/probes-curves.csv beside the runs);
 * Planes: :data:`PLANE_GRID` × :data:`PLANE_GRID` merged-space loss planes of seed 0 for LoRA,
   Flat-LoRA and SAM on W, each along the same seeded filter-normalized directions → RESULTS/planes.csv;
 * Figures: every figure the tables allow (:func:`landscape.study.pipeline.draw_figures`) as
@@ -88,8 +89,9 @@ def probe_strongest(out: Path, results: Path, figures: Path, seeds: Sequence[int
     if not runs:
         raise ExactStudyError(f"no finished run of {[s.name for s in chosen]} under {Path(out) / TASK}")
     batch_size = len(load_run(runs[0])[1].splits[SPLIT])  # the whole split in one batch, as the exact spectra
-    probes, curves = probe_runs(runs, results / "probes.csv", settings, SPLIT, batch_size, batch_size,
+    probes, curves = probe_runs(runs, Path(out) / TASK / "probes.csv", settings, SPLIT, batch_size, batch_size,
                                 progress=progress, parts=Path(out) / TASK / "probe-parts")
+    atomic_write_text(results / "probes.csv", probes.to_csv(index=False))  # the curves (MBs) stay with the runs
     seed0 = {s.method: run_path(out, s, seeds[0]) for s in chosen if s.method in PLANE_METHODS}
     planes = _planes({m: d for m, d in seed0.items() if (d / "metrics.json").exists()}, seeds[0], settings,
                      batch_size)
