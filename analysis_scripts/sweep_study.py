@@ -40,6 +40,7 @@ def parse_args(argv=None):
                                                        "(not committed)")
     p.add_argument("--results", default=None,
                    help="folder for sweep.csv and summary.md (committed; default results/study/TASK-sweep)")
+    p.add_argument("--figures", default="figures/study", help="folder for the sweep's figure (TASK-sweep.png)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of every setting")
     methods = list(dict.fromkeys(s.method for s in sweep.SWEEP_SETTINGS))
     p.add_argument("--methods", nargs="+", choices=methods, default=methods,
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
             table = sweep.sweep_table(Path(a.out), settings, a.seeds, task=a.task, examples=a.examples)
             if table.empty:
                 fail(f"no finished runs in {a.out}/{a.task}: run --stage train first")
-            print(sweep.write_sweep_report(table, results, command.strip()).to_string(index=False))
+            print(sweep.write_sweep_report(table, results, command.strip(), figures=Path(a.figures),
+                                           task=a.task).to_string(index=False))
             print(f"report: {results / 'summary.md'}; index: {write_index(results.parent)}")
     except (ExactStudyError, FileNotFoundError) as e:
         fail(str(e))

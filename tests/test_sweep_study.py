@@ -121,3 +121,11 @@ def test_the_sweep_report_correlates_the_two_spaces_across_runs(swept, tmp_path)
     rho = stats.spearmanr(table["lambda_lora-balanced"], table["lambda_merged"]).statistic
     assert f"across the {len(table)} runs (every setting and seed): Spearman ρ = {rho:.3g} [" in (
         tmp_path / "summary.md").read_text()
+
+
+def test_the_sweep_report_draws_one_point_per_run_and_links_it(swept, tmp_path):
+    _, table = swept
+    sweep.write_sweep_report(table, tmp_path / "results", "test", figures=tmp_path / "fig", task="digits-mlp")
+    fig = sweep.fig_sweep(table, "digits-mlp")
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == len(table)
+    assert "![digits-mlp-sweep](../fig/digits-mlp-sweep.png)" in (tmp_path / "results" / "summary.md").read_text()

@@ -54,7 +54,6 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
@@ -69,7 +68,7 @@ from ..loss import Loss
 from ..plot import new_figure, save_figure
 from ..results import PartFiles
 from ..space import space
-from .figures import method_color
+from .figures import method_color, plain_log_axes
 from .pipeline import differing_settings, run_fingerprint
 from .report import holm, markdown_table, paired_differences, paired_log_ratio, within_group_spearman
 
@@ -369,11 +368,8 @@ def fig_lora_vs_merged(frame: pd.DataFrame) -> Figure:
     for ax, (x, y, title, xlabel, ylabel) in zip(axes, PANELS):
         for method, g in wide.groupby("method", sort=False):
             ax.scatter(g[x], g[y], s=14, color=method_color(method), alpha=0.75, label=f"{method} ({len(g)} runs)")
-        ax.set(xscale="log", yscale="log", title=title, xlabel=xlabel, ylabel=ylabel)
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            axis.set_minor_formatter(NullFormatter())
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        plain_log_axes(ax)
         ax.legend(fontsize=7)
     fig.suptitle(f"{TASK}: exact top Hessian eigenvalue of the training loss\n"
                  f"one point per run — {len(wide)} LoRA runs, {seeds} seeds per setting")

@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, LogFormatter, NullFormatter, StrMethodFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, LogLocator, NullFormatter, StrMethodFormatter
 from scipy import stats
 
 from ..plot import new_figure, plot_lines
 
-__all__ = ["method_color", "fig_lines", "fig_planes", "fig_expected_loss", "fig_eigenvalues",
+__all__ = ["method_color", "plain_log_axes", "fig_lines", "fig_planes", "fig_expected_loss", "fig_eigenvalues",
            "fig_sharpness_vs_accuracy", "fig_robustness"]
 
 METHOD_ORDER = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full", "asam-lora", "asam-full", "sam")
@@ -72,6 +72,15 @@ def _offsets(n: int, width: float) -> np.ndarray:
 def _top_eigenvalues(probes: pd.DataFrame) -> pd.DataFrame:
     """The rows of the top Hessian eigenvalue λ₁ (measure "eigenvalue", x = 1)."""
     return probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1)]
+
+
+def plain_log_axes(ax) -> None:
+    """Both axes of ``ax`` logarithmic, ticked at 1, 2, 5 × 10ᵏ and labelled as plain numbers."""
+    ax.set(xscale="log", yscale="log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def fig_lines(curves: pd.DataFrame, *, spaces: Optional[Sequence[str]] = None,

@@ -20,6 +20,7 @@ so that "flat in the LoRA space" has instances that are flat there.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,15 +31,17 @@ from flatlora.io import atomic_write_json, atomic_write_text, read_json
 
 from ..hessian import hessian_eigenvalues
 from ..loss import Loss
+from ..plot import new_figure, save_figure
 from ..results import PartFiles
 from .exact import MIN_RUNS, SETTINGS, Setting, run_path, spearman_interval, train_runs
+from .figures import method_color, plain_log_axes
 from .noise_check import noise_gradient_effect
 from .pipeline import run_fingerprint
 from .report import markdown_table, paired_log_ratio
 from .suite import BALANCED, probe_spaces
 
 __all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "noise_check", "sweep_table", "summarize", "choose",
-           "write_sweep_report", "TASK", "STEPS", "LR", "EXAMPLES"]
+           "fig_sweep", "write_sweep_report", "TASK", "STEPS", "LR", "EXAMPLES"]
 
 TASK = "rt-minilm"
 STEPS = 300  # a short length, to choose settings; the long runs train ≥ 2 epochs
@@ -185,11 +188,31 @@ def _noise_section(results: Path) -> list[str]:
             markdown_table(means, floatfmt=".3g")]
 
 
-def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.DataFrame:
-    """sweep.csv (the runs), summary.md (per setting, and the choice per method) in ``results``;
-    returns the choice."""
+def fig_sweep(table: pd.DataFrame, task: str):
+    """Balanced-LoRA λ₁ against merged λ₁, one point per run of the sweep, coloured by method and
+    labelled with its setting, on log axes (issue 14.6 for a MiniLM task)."""
+    fig, ax = new_figure(5.2, 4.4)
+    for method, g in table.groupby("method", sort=False):
+        ax.scatter(g[f"lambda_{BALANCED}"], g["lambda_merged"], s=24, color=method_color(method), label=method)
+        for _, r in g.iterrows():
+            ax.annotate(f"{r['setting'].removeprefix(method + '-')} s{r['seed']}",
+                        (r[f"lambda_{BALANCED}"], r["lambda_merged"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set(xlabel="λ₁, LoRA space (balanced gauge)", ylabel="λ₁, merged space",
+           title=f"{task}: the settings sweep, one point per run\n{len(table)} runs, "
+                 f"{table['seed'].nunique()} seed(s), {table['setting'].nunique()} settings")
+    plain_log_axes(ax)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def write_sweep_report(table: pd.DataFrame, results: Path, command: str, *, figures: Optional[Path] = None,
+                       task: str = TASK) -> pd.DataFrame:
+    """sweep.csv (the runs), summary.md (per setting, and the choice per method) in ``results``, and
+    with ``figures`` FIGURES/TASK-sweep.{png,pdf} (:func:`fig_sweep`); returns the choice."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
+    made = save_figure(fig_sweep(table, task), Path(figures) / f"{task}-sweep") if figures is not None else []
     summary = summarize(table)
     chosen = choose(summary)
     atomic_write_text(results / "sweep.csv", table.to_csv(index=False))
@@ -198,6 +221,8 @@ def write_sweep_report(table: pd.DataFrame, results: Path, command: str) -> pd.D
              "## Per setting (accuracy: mean; λ₁: median over seeds; ratio: geometric mean over seeds of λ₁ over "
              "LoRA's in the same space with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
              "## The settings the comparison uses", "", markdown_table(chosen), *_claim_section(table),
-             *_noise_section(results)]
+             *_noise_section(results),
+             *[f"\n![{p.stem}]({Path(os.path.relpath(p.resolve(), results.resolve())).as_posix()})" for p in made
+               if p.suffix == ".png"]]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
     return chosen
