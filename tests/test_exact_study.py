@@ -166,7 +166,7 @@ def test_report_draws_the_figures(tiny_study):
     flat-lora here, so the planes figure has LoRA's plane alone)."""
     names = {p.stem for p in (tiny_study / "figures").iterdir()}
     assert names == {exact.FIGURE, *(f"digits-mlp-{n}" for n in ("lines", "planes", "expected-loss", "eigenvalues",
-                                                                  "sharpness-vs-accuracy"))}
+                                                                  "sharpness-vs-accuracy", "robustness"))}
 
 
 def test_spearman_interval_is_seeded_and_holds_rho():
@@ -251,3 +251,27 @@ def test_strongest_settings_pick_the_lowest_merged_ratio_per_method():
                                ("sam-full-rho0.1", 1.2), ("full-ft", 0.4)) for k in range(3)]
     chosen = [s.name for s in strongest_settings(pd.DataFrame(rows))]
     assert chosen == ["lora", "sam-lora-rho0.1", "sam-full-rho0.1", "full-ft"]
+
+
+def test_robust_stage_measures_every_run_under_each_noise(tiny_study):
+    robust = pd.read_csv(tiny_study / "results" / "robustness.csv")
+    assert len(robust) == len(SEEDS) * len(TINY_SETTINGS) * 4  # 2 kinds × 2 levels
+    np.testing.assert_allclose(robust["drop"], robust["clean_accuracy"] - robust["accuracy"], atol=1e-12)
+
+
+def test_robustness_statistics_are_scipys_paired_t_with_holm(tiny_study):
+    from scipy import stats
+
+    from landscape.study.exact_probes import robustness_statistics
+
+    robust = pd.read_csv(tiny_study / "results" / "robustness.csv")
+    paired, _ = robustness_statistics(robust, pd.read_csv(tiny_study / "results" / "spectra.csv"))
+    cell = robust[(robust["kind"] == "gaussian") & (robust["level"] == "heavy")]
+    drop = cell.pivot(index="seed", columns="setting", values="drop")
+    row = paired[(paired["setting"] == "sam-lora-rho0.01") & (paired["condition"] == "gaussian/heavy")].iloc[0]
+    test = stats.ttest_rel(drop["sam-lora-rho0.01"], drop["lora"])
+    assert row["difference"] == pytest.approx((drop["sam-lora-rho0.01"] - drop["lora"]).mean(), abs=1e-12)
+    if np.isnan(test.pvalue):  # identical drops: no test, and Holm leaves it out
+        assert np.isnan(row["p"])
+    else:
+        assert row["p"] == pytest.approx(test.pvalue, rel=1e-9)

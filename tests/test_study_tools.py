@@ -113,3 +113,22 @@ def test_the_index_holds_every_part_in_order_with_links_rebased(tmp_path):
     assert text.index("## Exact") < text.index("## Sweep")  # digits first, by INDEX_ORDER
     assert "![fig](../../figures/study/f.png)" in text  # resolves from tmp_path as it did from digits-exact/
     assert "empty" not in text
+
+
+def test_feature_noise_is_the_same_for_every_call_and_refuses_text_tasks():
+    import helpers
+    import pandas as pd
+
+    from landscape.study.robustness import feature_noise_accuracy
+
+    task = helpers.digits_task()
+    model = task.build_model()
+    first = feature_noise_accuracy(model, task, limit=64)
+    pd.testing.assert_frame_equal(first, feature_noise_accuracy(model, task, limit=64))
+    assert set(zip(first["kind"], first["level"])) == {(k, lv) for k in ("gaussian", "dropout") for lv in ("light", "heavy")}
+
+    class Text:
+        name, splits = "text", {"test": [{"input_ids": [1, 2], "label": 0}]}
+
+    with pytest.raises(ValueError, match="no feature vectors"):
+        feature_noise_accuracy(model, Text())

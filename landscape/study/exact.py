@@ -79,7 +79,7 @@ __all__ = ["ExactStudyError", "Setting", "SETTINGS", "SPACES", "STAGES", "STEPS"
 TASK = "digits-mlp"
 STEPS = 1200
 SPACES = ("lora-balanced", "lora-as-trained", "merged", "tangent", "normal")
-STAGES = ("train", "spectra", "probe", "report")
+STAGES = ("train", "spectra", "probe", "robust", "report")
 THRESHOLD_FRACTION = 0.01
 #: each space's eigenvalue threshold comes from plain LoRA's median λ₁ in the space that sets its units
 THRESHOLD_SPACE = {"lora-balanced": "lora-balanced", "lora-as-trained": "lora-balanced", "merged": "merged",
@@ -467,23 +467,12 @@ def accuracy_findings(accuracy: pd.DataFrame, within: pd.DataFrame) -> list[str]
     return lines
 
 
-def _probe_section(results: Path, table: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """(the probe stage's findings as bullets, its section of the report), both empty when the probe
-    stage (:mod:`landscape.study.exact_probes`) has not run."""
-    if not (results / "probes.csv").exists():
-        return [], []
-    from .exact_probes import PROBE_SETTINGS, probe_summary  # it builds on this module
+def _stage_sections(results: Path, table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(findings, report sections) of the probe and robustness stages, from their tables in ``results``
+    (:func:`landscape.study.exact_probes.report_sections`)."""
+    from .exact_probes import report_sections  # it builds on this module
 
-    probes = pd.read_csv(results / "probes.csv")
-    summary, lines = probe_summary(probes, table)
-    seeds = probes.groupby("method")["seed"].nunique()
-    seeds = f"{seeds.min()} seeds" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()} seeds"
-    return lines, ["## The probe suite on each method's strongest setting", "",
-                   f"Per method the setting that lowers merged λ₁ most against LoRA, {seeds} each, "
-                   f"probed on the same training loss as the spectra (`probes.csv`; suite settings: "
-                   f"{PROBE_SETTINGS.noise_max_samples} noise draws per σ, {PROBE_SETTINGS.num_directions} line "
-                   f"directions, worst case by {PROBE_SETTINGS.worst_case_steps} ascent steps).", "",
-                   markdown_table(summary, floatfmt=".3g"), ""]
+    return report_sections(results, table)
 
 
 def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str, *, seed: int = 0) -> dict:
@@ -508,7 +497,7 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
     summary.update(accuracy_against_lora=accuracy.to_dict(orient="records"),
                    sharpness_accuracy_within_setting=within.to_dict(orient="records"))
     made = save_figure(fig_lora_vs_merged(table), figures / FIGURE)
-    probe_findings, probe_section = _probe_section(results, table)
+    probe_findings, probe_section = _stage_sections(results, table)
     made += sorted(figures.glob(f"{TASK}-*.png")) if probe_section else []
     per_setting = table.pivot_table(index="setting", columns="space", values="lambda_max", aggfunc="median",
                                     sort=False).reindex(columns=[s for s in SPACES if s in set(table["space"])])
@@ -572,6 +561,10 @@ def run_exact_study(out: Path, results: Path, figures: Path, *, settings: Sequen
         from .exact_probes import probe_strongest  # it builds on this module
 
         probe_strongest(out, results, figures, seeds, progress=progress)
+    if "robust" in stages:
+        from .exact_probes import robustness_stage  # it builds on this module
+
+        robustness_stage(out, results, figures, settings, seeds, progress=progress)
     if "report" in stages:
         if not (results / "spectra.csv").exists():
             raise ExactStudyError(f"{results / 'spectra.csv'} does not exist: run the spectra stage first")

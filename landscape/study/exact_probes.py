@@ -15,6 +15,10 @@ runs whose exact spectra :mod:`landscape.study.exact` knows (issue 14, items 4, 
   Flat-LoRA and SAM on W, each along the same seeded filter-normalized directions → RESULTS/planes.csv;
 * Figures: every figure the tables allow (:func:`landscape.study.pipeline.draw_figures`) as
   FIGURES/digits-mlp-*.{png,pdf} (accuracies from the runs' metrics.json, which spectra.csv also holds).
+* Robustness (:func:`robustness_stage`, every run of every setting): test accuracy under Gaussian
+  pixel noise and pixel dropout at two levels (:func:`landscape.study.robustness.feature_noise_accuracy`,
+  the same noise for every run) → RESULTS/robustness.csv, and the strongest settings' drops as
+  FIGURES/digits-mlp-robustness.{png,pdf}.
 
 The probe parts are resumable and fingerprinted by each run's files and every probe setting
 (:func:`landscape.study.pipeline.probe_runs`).
@@ -32,13 +36,16 @@ from flatlora.io import atomic_write_text
 
 from ..curves import loss_plane
 from ..loss import Loss
+from ..plot import save_figure
 from .exact import SETTINGS, SPLIT, TASK, ExactStudyError, Setting, own_space_effects, run_path
-from .figures import PLANE_METHODS
+from .figures import PLANE_METHODS, fig_robustness
 from .pipeline import draw_figures, probe_runs
-from .report import collect_metrics
+from .report import collect_metrics, holm, markdown_table, paired_differences, within_group_spearman
+from .robustness import FEATURE_NOISE, feature_noise_accuracy
 from .suite import ProbeSettings
 
-__all__ = ["strongest_settings", "probe_strongest", "probe_summary", "PROBE_SETTINGS"]
+__all__ = ["strongest_settings", "probe_strongest", "probe_summary", "robustness_stage", "robustness_statistics",
+           "report_sections", "PROBE_SETTINGS"]
 
 NOISE_SAMPLES = 64
 DIRECTIONS = 8
@@ -100,6 +107,30 @@ def probe_strongest(out: Path, results: Path, figures: Path, seeds: Sequence[int
     return draw_figures(tables, figures, TASK)[0]
 
 
+def robustness_stage(out: Path, results: Path, figures: Path, settings: Sequence[Setting], seeds: Sequence[int],
+                     *, progress: bool = True) -> pd.DataFrame:
+    """Every finished run's accuracy under feature noise (module docstring) → RESULTS/robustness.csv
+    (one row per run × kind × level, with its setting and seed), and the strongest settings' drops
+    as a figure; returns the table."""
+    from tqdm.auto import tqdm
+
+    todo = [(s, seed, d) for s in settings for seed in seeds if ((d := run_path(out, s, seed)) / "metrics.json").exists()]
+    if not todo:
+        raise ExactStudyError(f"no finished run under {Path(out) / TASK}: run the train stage first")
+    frames = []
+    for setting, seed, d in tqdm(todo, desc="robustness", unit="run", disable=not progress, dynamic_ncols=True):
+        model, task, _ = load_run(d)
+        frames.append(feature_noise_accuracy(model, task).assign(run=d.name, setting=setting.name,
+                                                                 method=setting.method, seed=seed))
+    robust = pd.concat(frames, ignore_index=True)
+    atomic_write_text(Path(results) / "robustness.csv", robust.to_csv(index=False))
+    spectra = Path(results) / "spectra.csv"
+    if spectra.exists():
+        strongest = [s.name for s in strongest_settings(pd.read_csv(spectra))]
+        save_figure(fig_robustness(robust[robust["setting"].isin(strongest)], task=TASK), Path(figures) / f"{TASK}-robustness")
+    return robust
+
+
 SIGMA = 0.05  # the σ of ΔL the summary reports
 RHO = 0.05
 
@@ -138,3 +169,70 @@ def probe_summary(probes: pd.DataFrame, spectra: pd.DataFrame) -> tuple[pd.DataF
              + ("small and the worst case measures curvature." if share.median() > 2 else
                 "not negligible, and the worst case is largely slope.")]
     return table, lines
+
+
+ALPHA = 0.05
+
+
+def robustness_statistics(robust: pd.DataFrame, spectra: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(a) Each setting's accuracy drop under each noise condition against LoRA's with the same seed
+    (paired t, Holm over every setting × condition); (b) Spearman's ρ of λ₁ against the drop within
+    each setting, space and condition (never pooled over methods; Holm over every cell)."""
+    robust = robust.assign(condition=robust["kind"] + "/" + robust["level"])
+    paired = pd.concat([paired_differences(g, "drop").assign(condition=c)
+                        for c, g in robust.groupby("condition", sort=False)], ignore_index=True)
+    paired["p_holm"] = holm(paired["p"])
+    joined = spectra[["run", "setting", "space", "lambda_max"]].merge(robust[["run", "condition", "drop"]], on="run")
+    return paired, within_group_spearman(joined, "lambda_max", "drop", by=("setting", "space", "condition"))
+
+
+def _robustness_lines(paired: pd.DataFrame, within: pd.DataFrame, robust: pd.DataFrame) -> list[str]:
+    sig = paired[paired["p_holm"] < ALPHA]
+    done = within.dropna(subset=["rho"])
+    wsig = done[done["p_holm"] < ALPHA]
+    heavy = robust[robust["level"] == "heavy"].groupby("setting")["drop"].mean()
+    return [f"- Accuracy drop under input noise (Gaussian pixel noise and pixel dropout, two levels; mean over "
+            f"the heavy levels from {heavy.min():.3f} ({heavy.idxmin()}) to {heavy.max():.3f} ({heavy.idxmax()})), "
+            f"against LoRA with the same seed, Holm over {len(paired)} setting × condition cells: {len(sig)} cell(s) "
+            f"at Holm-adjusted p < {ALPHA:g}" + (": " + "; ".join(
+                f"{r.setting} {r.condition} {r.difference:+.3f} [{r.low:+.3f}, {r.high:+.3f}] (p = {r.p_holm:.2g})"
+                for r in sig.itertuples()) + "." if len(sig) else "."),
+            f"- λ₁ against the accuracy drop within one setting, space and condition (Spearman, Holm over {len(done)} "
+            f"cells): ρ from {done['rho'].min():.2f} to {done['rho'].max():.2f}; {len(wsig)} cell(s) at Holm-adjusted "
+            f"p < {ALPHA:g}."]
+
+
+def report_sections(results: Path, spectra: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(findings as markdown bullets, report sections) from the probe stage's probes.csv and the
+    robustness stage's robustness.csv in ``results`` — each part only when its table is there."""
+    results = Path(results)
+    findings, sections = [], []
+    if (results / "probes.csv").exists():
+        probes = pd.read_csv(results / "probes.csv")
+        summary, lines = probe_summary(probes, spectra)
+        seeds = probes.groupby("method")["seed"].nunique()
+        seeds = f"{seeds.min()} seeds" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()} seeds"
+        findings += lines
+        sections += ["## The probe suite on each method's strongest setting", "",
+                     f"Per method the setting that lowers merged λ₁ most against LoRA, {seeds} each, probed on the "
+                     f"same training loss as the spectra (`probes.csv`; suite settings: "
+                     f"{PROBE_SETTINGS.noise_max_samples} noise draws per σ, {PROBE_SETTINGS.num_directions} line "
+                     f"directions, worst case by {PROBE_SETTINGS.worst_case_steps} ascent steps).", "",
+                     markdown_table(summary, floatfmt=".3g"), ""]
+    if (results / "robustness.csv").exists():
+        robust = pd.read_csv(results / "robustness.csv")
+        paired, within = robustness_statistics(robust, spectra)
+        findings += _robustness_lines(paired, within, robust)
+        drops = robust.assign(condition=robust["kind"] + "/" + robust["level"]).pivot_table(
+            index="setting", columns="condition", values="drop", aggfunc="mean", sort=False)
+        sections += ["## Robustness: accuracy drop under input noise (mean over seeds)", "",
+                     f"Test accuracy on clean inputs minus that on noisy ones (`robustness.csv`; the same noise for "
+                     "every run; Gaussian noise of standard deviation, or dropout with probability, "
+                     + ", ".join(f"{k} {' / '.join(f'{lv} {v:g}' for lv, v in levels.items())}"
+                                 for k, levels in FEATURE_NOISE.items()) + ", on pixels scaled to [0, 1]).", "",
+                     markdown_table(drops.reset_index(), floatfmt=".3f"), "",
+                     "Against LoRA with the same seed (mean difference of the drop, 95 % t interval, paired t p, "
+                     "Holm over every setting × condition):", "",
+                     markdown_table(paired[["setting", "condition", "pairs", "difference", "low", "high", "p", "p_holm"]],
+                                    floatfmt=".3g"), ""]
+    return findings, sections
