@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from flatlora import load_run
@@ -169,9 +170,11 @@ def _claim_section(table: pd.DataFrame) -> list[str]:
     if len(table) < MIN_RUNS:
         return []
     r = spearman_interval(table[f"lambda_{BALANCED}"], table["lambda_merged"])
+    interval = (f"[{r['low']:.3g}, {r['high']:.3g}] (BCa bootstrap 95 %)" if np.isfinite([r["low"], r["high"]]).all()
+                else f"(no BCa bootstrap interval: too few distinct resamples of {r['n']} runs)")
     return ["", "## The claim across the sweep's runs", "",
             f"Balanced-LoRA λ₁ against merged λ₁ across the {r['n']} runs (every setting and seed): Spearman "
-            f"ρ = {r['rho']:.3g} [{r['low']:.3g}, {r['high']:.3g}] (BCa bootstrap 95 %), p = {r['p']:.2g}."]
+            f"ρ = {r['rho']:.3g} {interval}, p = {r['p']:.2g}."]
 
 
 def _noise_section(results: Path) -> list[str]:
