@@ -7,7 +7,7 @@ and the dense float64 Hessian of the training loss is eigendecomposed in the bal
 LoRA spaces and the merged, tangent and normal spaces.
 
     .venv/bin/python analysis_scripts/exact_study.py                     # everything
-    .venv/bin/python analysis_scripts/exact_study.py --stage train       # then --stage spectra, report
+    .venv/bin/python analysis_scripts/exact_study.py --stage train       # then spectra, probe, robust, report
 
 Stages (each resumable — finished runs and per-run spectra are reused):
 
@@ -15,9 +15,11 @@ Stages (each resumable — finished runs and per-run spectra are reused):
 2. ``spectra`` — one part per run in OUT/digits-mlp/exact-parts/, then RESULTS/spectra.csv (tidy);
 3. ``probe``   — the probe suite and loss planes on every seed of each method's strongest setting
    (landscape.study.exact_probes): RESULTS/probes.csv, planes.csv and FIGURES/digits-mlp-*;
-4. ``report``  — from those tables: RESULTS/summary.json, RESULTS/summary.md (with the accuracy tests and
-   the probe summary), FIGURES/digits-exact-lora-vs-merged.{png,pdf}, and the study's index
-   RESULTS/../report.md (landscape.study.report.write_index).
+4. ``robust``  — every run's test accuracy under pixel noise and pixel dropout: RESULTS/robustness.csv and
+   FIGURES/digits-mlp-robustness.{png,pdf};
+5. ``report``  — from those tables: RESULTS/summary.json, RESULTS/summary.md (with the accuracy and
+   robustness tests and the probe summary), FIGURES/digits-exact-lora-vs-merged.{png,pdf}, and the
+   study's index RESULTS/../report.md (landscape.study.report.write_index).
 """
 from __future__ import annotations
 

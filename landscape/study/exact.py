@@ -38,8 +38,12 @@ sharpness that LoRA cannot see (normal space) is what Flat-LoRA and SAM on W red
 Stages (:data:`STAGES`, each resumable): ``train`` every setting × seed into OUT/digits-mlp/NAME-sSEED/
 (finished runs are kept); ``spectra`` — one part per run (:class:`landscape.results.PartFiles` in
 OUT/digits-mlp/exact-parts/, fingerprinted by the run's files and the spectrum settings), then the
-tidy table RESULTS/spectra.csv; ``report`` — from spectra.csv alone: RESULTS/summary.json,
-RESULTS/summary.md and FIGURES/digits-exact-lora-vs-merged.{png,pdf}.
+tidy table RESULTS/spectra.csv; ``probe`` and ``robust`` — the probe suite on each method's
+strongest setting and every run's accuracy under input noise (:mod:`landscape.study.exact_probes`);
+``report`` — from those tables: RESULTS/summary.json, RESULTS/summary.md and
+FIGURES/digits-exact-lora-vs-merged.{png,pdf}; the accuracy against LoRA and the λ₁–accuracy
+correlations within each setting (:func:`accuracy_statistics`) come from spectra.csv, which holds
+every run's accuracy.
 """
 from __future__ import annotations
 
