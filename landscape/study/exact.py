@@ -72,7 +72,7 @@ from ..loss import Loss
 from ..plot import new_figure, save_figure
 from ..results import PartFiles
 from ..space import space
-from .figures import method_color, plain_log_axes
+from .figures import method_color, plain_log_axes, seeds_label
 from .pipeline import differing_settings, run_fingerprint
 from .report import holm, markdown_table, paired_differences, paired_log_ratio, within_group_spearman
 
@@ -364,8 +364,6 @@ def fig_lora_vs_merged(frame: pd.DataFrame) -> Figure:
     a grey band in (a)."""
     wide = _wide(frame)
     fig, axes = new_figure(4.6, 4.0, panels=2)
-    seeds = frame.groupby("setting")["seed"].nunique()
-    seeds = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()}"
     full = frame[(frame["method"] == "full-ft") & (frame["space"] == "merged")]["lambda_max"]
     if len(full):
         axes[0].axhspan(full.min(), full.max(), color="0.85", zorder=0, label=f"full-ft merged λ₁ ({len(full)} runs)")
@@ -376,7 +374,7 @@ def fig_lora_vs_merged(frame: pd.DataFrame) -> Figure:
         plain_log_axes(ax)
         ax.legend(fontsize=7)
     fig.suptitle(f"{TASK}: exact top Hessian eigenvalue of the training loss\n"
-                 f"one point per run — {len(wide)} LoRA runs, {seeds} seeds per setting")
+                 f"one point per run — {len(wide)} LoRA runs, {seeds_label(frame, by='setting')} per setting")
     return fig
 
 

@@ -38,7 +38,7 @@ from ..curves import loss_plane
 from ..loss import Loss
 from ..plot import save_figure
 from .exact import SETTINGS, SPLIT, TASK, ExactStudyError, Setting, own_space_effects, run_path
-from .figures import PLANE_METHODS, fig_robustness
+from .figures import PLANE_METHODS, fig_robustness, seeds_label
 from .pipeline import draw_figures, probe_runs
 from .report import collect_metrics, holm, markdown_table, paired_differences, within_group_spearman
 from .robustness import FEATURE_NOISE, feature_noise_accuracy
@@ -210,11 +210,9 @@ def report_sections(results: Path, spectra: pd.DataFrame) -> tuple[list[str], li
     if (results / "probes.csv").exists():
         probes = pd.read_csv(results / "probes.csv")
         summary, lines = probe_summary(probes, spectra)
-        seeds = probes.groupby("method")["seed"].nunique()
-        seeds = f"{seeds.min()} seeds" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()} seeds"
         findings += lines
         sections += ["## The probe suite on each method's strongest setting", "",
-                     f"Per method the setting that lowers merged λ₁ most against LoRA, {seeds} each, probed on the "
+                     f"Per method the setting that lowers merged λ₁ most against LoRA, {seeds_label(probes)} each, probed on the "
                      f"same training loss as the spectra (`probes.csv`; suite settings: "
                      f"{PROBE_SETTINGS.noise_max_samples} noise draws per σ, {PROBE_SETTINGS.num_directions} line "
                      f"directions, worst case by {PROBE_SETTINGS.worst_case_steps} ascent steps).", "",

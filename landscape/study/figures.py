@@ -28,7 +28,7 @@ from scipy import stats
 
 from ..plot import new_figure, plot_lines
 
-__all__ = ["method_color", "plain_log_axes", "fig_lines", "fig_planes", "fig_expected_loss", "fig_eigenvalues",
+__all__ = ["method_color", "plain_log_axes", "seeds_label", "fig_lines", "fig_planes", "fig_expected_loss", "fig_eigenvalues",
            "fig_sharpness_vs_accuracy", "fig_robustness"]
 
 METHOD_ORDER = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full", "asam-lora", "asam-full", "sam")
@@ -49,12 +49,12 @@ def _present(values: Sequence[str], order: Sequence[str]) -> list[str]:
     return [v for v in order if v in vals] + [v for v in vals if v not in order]
 
 
-def _seeds(frame: pd.DataFrame) -> str:
-    """How many seeds each method of ``frame`` has ("10 seeds", "1–10 seeds" when they differ);
-    "" without a seed column."""
+def seeds_label(frame: pd.DataFrame, by: str = "method") -> str:
+    """How many seeds each group of ``by`` in ``frame`` has ("10 seeds", "1–10 seeds" when they
+    differ); "" without a seed column."""
     if "seed" not in frame.columns or frame.empty:
         return ""
-    n = frame.groupby("method")["seed"].nunique()
+    n = frame.groupby(by)["seed"].nunique()
     count = f"{n.min()}" if n.min() == n.max() else f"{n.min()}–{n.max()}"
     return f"{count} seed{'' if count == '1' else 's'}"
 
@@ -100,7 +100,7 @@ def fig_lines(curves: pd.DataFrame, *, spaces: Optional[Sequence[str]] = None,
             ax.set_visible(False)
             continue
         part = part.assign(loss=part["delta_loss"])  # L(θ + αd) − L(θ): runs start from different losses
-        plot_lines(part, by="method", metric="loss", ax=ax, title=_title(task, f"{sp} space", _seeds(part)),
+        plot_lines(part, by="method", metric="loss", ax=ax, title=_title(task, f"{sp} space", seeds_label(part)),
                    colors=colors)
         ax.set_xlabel("α (filter-normalized direction)")
         ax.set_ylabel("L(θ + αd) − L(θ)")
@@ -139,7 +139,7 @@ def _difference_panels(fig, axes, diffs: dict[str, pd.DataFrame]) -> None:
     fig.colorbar(mesh, ax=axes, label=f"loss difference (method − {BASELINE})")
 
 
-def _plane_seeds(planes: pd.DataFrame) -> str:
+def _planeseeds_label(planes: pd.DataFrame) -> str:
     """"seed 0", "mean over 3 seeds", or "" without a seed column."""
     seeds = sorted(planes["seed"].unique()) if "seed" in planes.columns else []
     return f"seed {seeds[0]}" if len(seeds) == 1 else (f"mean over {len(seeds)} seeds" if seeds else "")
@@ -163,7 +163,7 @@ def fig_planes(planes: pd.DataFrame, *, methods: Sequence[str] = PLANE_METHODS, 
     _loss_panels(fig, axes[:len(grids)], grids)
     if diffs:
         _difference_panels(fig, axes[len(grids):], diffs)
-    fig.suptitle(_title(task, f"loss planes in the {space} space", _plane_seeds(planes)))
+    fig.suptitle(_title(task, f"loss planes in the {space} space", _planeseeds_label(planes)))
     return fig
 
 
@@ -196,7 +196,7 @@ def fig_expected_loss(probes: pd.DataFrame, *, task: str = "") -> Figure:
         ax.set(xlabel="σ (filter noise)", title=f"{sp} space")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("ΔL = E L(θ+ε) − L(θ)")
-    fig.suptitle(f"{_title(task, 'expected loss increase under Flat-LoRA noise', _seeds(sel))}\n"
+    fig.suptitle(f"{_title(task, 'expected loss increase under Flat-LoRA noise', seeds_label(sel))}\n"
                  "mean over seeds; thin capped bars: ± std over seeds; thick bars: Monte-Carlo 95 % half-width",
                  fontsize=9)
     return fig
@@ -241,7 +241,7 @@ def fig_eigenvalues(probes: pd.DataFrame, *, task: str = "") -> Figure:
     ax.yaxis.set_major_formatter(LogFormatter())  # plain numbers, the minor ticks labelled too when few decades
     ax.yaxis.set_minor_formatter(LogFormatter())
     ax.set_ylabel("top Hessian eigenvalue λ₁")
-    ax.set_title(f"{_title(task, 'λ₁ per space', _seeds(sel))}\n(geometric mean ×/÷ geometric std over seeds)",
+    ax.set_title(f"{_title(task, 'λ₁ per space', seeds_label(sel))}\n(geometric mean ×/÷ geometric std over seeds)",
                  fontsize=9)
     return fig
 
@@ -270,7 +270,7 @@ def fig_sharpness_vs_accuracy(probes: pd.DataFrame, metrics: pd.DataFrame, *, ta
         ax.set(title=f"λ₁ in the {sp} space", xlabel="top Hessian eigenvalue λ₁")
         ax.legend(fontsize=6)
     axes[0].set_ylabel("test accuracy")
-    fig.suptitle(_title(task, "sharpness vs test accuracy, one point per run", _seeds(joined)))
+    fig.suptitle(_title(task, "sharpness vs test accuracy, one point per run", seeds_label(joined)))
     return fig
 
 
@@ -283,5 +283,5 @@ def fig_robustness(robust: pd.DataFrame, *, task: str = "") -> Figure:
     for label in ax.get_xticklabels():
         label.set(rotation=30, ha="right")
     ax.set_ylabel("accuracy drop (clean − corrupted)")
-    ax.set_title(f"{_title(task, 'robustness to messy input', _seeds(robust))}\n(mean ± std over seeds)", fontsize=9)
+    ax.set_title(f"{_title(task, 'robustness to messy input', seeds_label(robust))}\n(mean ± std over seeds)", fontsize=9)
     return fig
