@@ -1,12 +1,15 @@
 """The settings sweep (landscape.study.sweep) on digits-mlp: each run's λ₁ in its own space (the
-balanced LoRA space, or merged for SAM on W) and in the merged space, resumable parts, the summary
-against LoRA with the same seed, and the choice per method; the check that Flat-LoRA's noise moves the gradient (noise_check)."""
+balanced LoRA space, or merged for SAM on W) and in the merged space, committed units that a new
+machine builds the report from, the summary and the paired effects against LoRA with the same seed,
+and the choice per method; the check that Flat-LoRA's noise moves the gradient (noise_check)."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from landscape.study import sweep
-from landscape.study.exact import Setting
+from landscape.study.exact import ExactStudyError, Setting
 
 SETTINGS = [Setting("lora"), Setting("sam-lora", rho=0.01), Setting("sam-lora", rho=0.1), Setting("sam-full", rho=0.05)]
 
@@ -22,7 +25,7 @@ def swept(tmp_path_factory):
         mp.setitem(TASKS, "digits-mlp", helpers.digits_task)
         sweep.train_sweep(out, SETTINGS, seeds=(0, 1), task="digits-mlp", steps=6, lr=1e-2, task_options={},
                           progress=False)
-        table = sweep.sweep_table(out, SETTINGS, seeds=(0, 1), task="digits-mlp", examples=64)
+        table = sweep.sweep_table(out, SETTINGS, seeds=(0, 1), units=out / "units", task="digits-mlp", examples=64)
         yield out, table
 
 
@@ -34,11 +37,96 @@ def test_each_run_is_measured_in_its_own_space_and_in_merged(swept):
     assert (table["lambda_own"] > 0).all() and table["val_accuracy"].between(0, 1).all()
 
 
-def test_the_sweep_reuses_its_parts(swept, monkeypatch):
+def test_the_sweep_reuses_its_units(swept, monkeypatch):
     out, table = swept
-    monkeypatch.setattr(sweep, "_lambda_max", lambda *a: pytest.fail("recomputed a finished part"))
-    again = sweep.sweep_table(out, SETTINGS, seeds=(0, 1), task="digits-mlp", examples=64)
+    monkeypatch.setattr(sweep, "_lambda_max", lambda *a: pytest.fail("measured a finished unit again"))
+    again = sweep.sweep_table(out, SETTINGS, seeds=(0, 1), units=out / "units", task="digits-mlp", examples=64)
     pd.testing.assert_frame_equal(again, table)
+
+
+def test_a_unit_is_a_portable_run_and_the_table_is_built_from_units_alone(swept, tmp_path, monkeypatch):
+    """On a new machine (no OUT) the units give the same table without measuring anything, and each
+    unit is a run folder that load_run reads, with the run's content hashes."""
+    from flatlora import load_run
+    from landscape.study.pipeline import run_fingerprint
+
+    out, table = swept
+    unit = out / "units" / "sam-lora-rho0.1-s1"
+    assert run_fingerprint(unit) == run_fingerprint(out / "digits-mlp" / "sam-lora-rho0.1-s1")
+    assert not (unit / "checkpoint.pt").exists()
+    load_run(unit)
+    monkeypatch.setattr(sweep, "_lambda_max", lambda *a: pytest.fail("measured a unit whose run and settings match"))
+    alone = sweep.sweep_table(tmp_path / "new-machine", SETTINGS, seeds=(0, 1), units=out / "units",
+                              task="digits-mlp", examples=64)
+    pd.testing.assert_frame_equal(alone, table)
+
+
+def test_other_probe_settings_measure_the_unit_again(swept, tmp_path):
+    import shutil
+
+    out, table = swept
+    units = tmp_path / "units"
+    shutil.copytree(out / "units" / "lora-s0", units / "lora-s0")
+    again = sweep.sweep_table(tmp_path / "new-machine", SETTINGS[:1], seeds=(0,), units=units, task="digits-mlp",
+                              examples=32)
+    assert again.loc[0, "lambda_merged"] != table.loc[0, "lambda_merged"]  # 32 examples, not 64
+    assert json.loads((units / "lora-s0" / sweep.UNIT_ROW).read_text())["probe"]["examples"] == 32
+
+
+def test_a_row_whose_run_was_not_kept_is_refused_under_other_probe_settings(swept, tmp_path):
+    out, _ = swept
+    units = tmp_path / "units"
+    (units / "lora-s0").mkdir(parents=True)
+    (units / "lora-s0" / sweep.UNIT_ROW).write_text((out / "units" / "lora-s0" / sweep.UNIT_ROW).read_text())
+    kept = sweep.sweep_table(tmp_path, SETTINGS[:1], seeds=(0,), units=units, task="digits-mlp", examples=64)
+    assert len(kept) == 1
+    with pytest.raises(ExactStudyError, match="its run is not kept"):
+        sweep.sweep_table(tmp_path, SETTINGS[:1], seeds=(0,), units=units, task="digits-mlp", examples=32)
+
+
+def test_publish_run_refuses_an_unfinished_run(tmp_path):
+    from landscape.study.pipeline import publish_run
+
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        publish_run(tmp_path, tmp_path / "unit")
+    assert not (tmp_path / "unit").exists()
+
+
+def test_paired_effects_match_scipy_paired_t_tests(swept):
+    from scipy import stats
+
+    _, table = swept
+    effects = sweep.paired_effects(table).set_index(["setting", "effect"])
+    assert set(effects.index.get_level_values("setting")) == {s.name for s in SETTINGS[1:]}
+    lora = table[table["setting"] == "lora"].set_index("seed")
+    g = table[table["setting"] == "sam-lora-rho0.1"].set_index("seed")
+    log_gap = np.log(g["lambda_lora-balanced"] / g["lambda_merged"]) - np.log(
+        lora["lambda_lora-balanced"] / lora["lambda_merged"])
+    gap = effects.loc[("sam-lora-rho0.1", sweep.EFFECTS["gap"])]
+    assert gap["difference"] == pytest.approx(np.exp(log_gap.mean()), rel=1e-12)
+    assert gap["p"] == pytest.approx(stats.ttest_1samp(log_gap, 0).pvalue, rel=1e-9)
+    acc = effects.xs(sweep.EFFECTS["test_accuracy"], level="effect")
+    p = [stats.ttest_rel(table[table["setting"] == s].set_index("seed")["test_accuracy"], lora["test_accuracy"]).pvalue
+         for s in acc.index]
+    np.testing.assert_allclose(acc["p"], p, rtol=1e-9)
+    np.testing.assert_allclose(acc["p_holm"], np.minimum(1, np.maximum.accumulate(
+        np.sort(p) * (len(p) - np.arange(len(p)))))[np.argsort(np.argsort(p))], rtol=1e-9)
+
+
+def test_within_setting_correlations_are_scipy_spearman_within_each_setting():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"setting": np.repeat(["lora", "sam-lora-rho0.1"], 6), "seed": np.tile(range(6), 2),
+                          "test_accuracy": rng.uniform(0.7, 0.8, 12), "lambda_lora-balanced": rng.uniform(1, 9, 12),
+                          "lambda_merged": rng.uniform(10, 90, 12)})
+    within = sweep.within_setting_correlations(table).set_index(["setting", "space"])
+    assert len(within) == 4
+    g = table[table["setting"] == "sam-lora-rho0.1"]
+    expected = stats.spearmanr(g["lambda_merged"], g["test_accuracy"])
+    assert within.loc[("sam-lora-rho0.1", "merged"), "rho"] == pytest.approx(expected.statistic)
+    assert within.loc[("sam-lora-rho0.1", "merged"), "p"] == pytest.approx(expected.pvalue)
+    assert sweep.within_setting_correlations(table[table["seed"] < 4]).empty  # fewer than 5 seeds
 
 
 def test_summary_ratios_pair_seeds_and_choose_picks_per_method(swept, tmp_path):
@@ -55,12 +143,12 @@ def test_summary_ratios_pair_seeds_and_choose_picks_per_method(swept, tmp_path):
     assert chosen.loc["sam-lora", "best_validation"] == sam["val_accuracy"].idxmax()
     assert chosen.loc["sam-lora", "flattest_own_space"] == sam["ratio_lora-balanced"].idxmin()  # its own space
     assert (tmp_path / "new" / "sweep.csv").exists()
-    assert "## The settings the comparison uses" in (tmp_path / "new" / "summary.md").read_text()
+    text = (tmp_path / "new" / "summary.md").read_text()
+    assert "## The settings the comparison uses" in text
+    assert "## Against LoRA, paired by seed" in text and "| sam-full-rho0.05 | merged λ₁ ÷ LoRA's | 2 |" in text
 
 
 def test_the_noise_check_stage_writes_every_sigma_and_names_its_run(swept, tmp_path):
-    import json
-
     from landscape.study.pipeline import run_fingerprint
 
     out, _ = swept

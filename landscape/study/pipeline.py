@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import pandas as pd
 from torch import nn
 
 from flatlora import TrainConfig, distributed, get_task, load_run, run
-from flatlora.io import atomic_write_json, atomic_write_text, read_json
+from flatlora.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from flatlora.training import RunExistsError
 
 from ..curves import loss_plane
@@ -39,7 +40,7 @@ from .report import accuracy_section, collect_metrics, markdown_table, robustnes
 from .robustness import corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -56,6 +57,30 @@ def run_fingerprint(run_path: Path) -> dict:
     weights = run_path / "adapter" if (run_path / "adapter").exists() else run_path / "model"
     return {name: file_digest(path) for name, path in
             (("config", run_path / "config.json"), ("metrics", run_path / "metrics.json"), ("weights", weights))}
+
+
+PORTABLE_RUN_FILES = ("config.json", "metrics.json", "labels.json", "predictions.json", "adapter")
+
+
+def publish_run(run_path: Path, dest: Path) -> None:
+    """Copy what a finished LoRA-family run needs to be loaded again (:data:`PORTABLE_RUN_FILES`: its
+    settings, metrics, labels, test predictions and peft adapter, a few MB; not a checkpoint) into
+    ``dest``, replacing what was there only once the copy is whole. ``dest`` is then itself a run
+    folder that :func:`flatlora.load_run` reads on any machine, with the same :func:`run_fingerprint`:
+    a study commits these so that its work survives a new machine. A run without an adapter
+    (full fine-tuning: its whole model) is refused: its weights are no small output."""
+    run_path = Path(run_path)
+    if not (run_path / "metrics.json").exists():
+        raise FileNotFoundError(f"{run_path} holds no finished run (no metrics.json): nothing to publish")
+    if not (run_path / "adapter").is_dir():
+        raise ValueError(f"{run_path} has no adapter/ (a full fine-tuning run?): only LoRA-family runs are published")
+    with atomic_dir(dest) as tmp:
+        for name in PORTABLE_RUN_FILES:
+            src = run_path / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            elif src.exists():
+                shutil.copy2(src, tmp / name)
 
 
 def _part_key(run_path: Path) -> str:

@@ -10,13 +10,20 @@ range (Li et al. use 1e-4 – 5e-4). For each run:
 * validation accuracy (the selection criterion; test accuracy is recorded, not used);
 * λ₁ of the loss on the first ``examples`` validation examples, by Lanczos, in the method's **own
   space** — the LoRA space in the balanced gauge for LoRA, Flat-LoRA and SAM on A, B; the merged
-  space for SAM on W — and in the merged space for every run. Each run's λ₁ is a resumable part
-  (:class:`landscape.results.PartFiles`) keyed by the run's files and the probe settings.
+  space for SAM on W — and in the merged space for every run.
+
+Each run is a committed **unit** (:func:`measured_row`): RESULTS/runs/SETTING-sSEED/ holds the run's
+portable files (settings, metrics, predictions, peft adapter: about 1.4 MB) and ``sweep-row.json``,
+its row keyed by the content hashes of those files and the probe settings. The report is built from
+the units alone, so that a new machine continues the sweep where the last one stopped; a unit is
+measured again when its files or the probe settings change.
 
 :func:`summarize` gives, per setting, the medians over seeds and the ratio of own-space λ₁ to plain
 LoRA's in the same space with the same seed; :func:`choose` picks, per method, the setting with the
 best validation accuracy and the setting that flattens its own space most — the comparison uses both,
-so that "flat in the LoRA space" has instances that are flat there.
+so that "flat in the LoRA space" has instances that are flat there. With several seeds,
+:func:`paired_effects` tests each setting against LoRA, paired by seed (issue 14.7), and
+:func:`within_setting_correlations` correlates λ₁ with test accuracy within each setting.
 """
 from __future__ import annotations
 
@@ -33,15 +40,14 @@ from flatlora.io import atomic_write_json, atomic_write_text, read_json
 from ..hessian import hessian_eigenvalues
 from ..loss import Loss
 from ..plot import new_figure, save_figure
-from ..results import PartFiles
-from .exact import MIN_RUNS, SETTINGS, Setting, run_path, spearman_interval, train_runs
+from .exact import MIN_RUNS, SETTINGS, ExactStudyError, Setting, run_path, spearman_interval, train_runs
 from .figures import method_color, plain_log_axes
 from .noise_check import noise_gradient_effect
-from .pipeline import run_fingerprint
-from .report import markdown_table, paired_log_ratio
+from .pipeline import publish_run, run_fingerprint
+from .report import markdown_table, paired_differences, paired_log_ratio, within_group_spearman
 from .suite import BALANCED, probe_spaces
 
-__all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "noise_check", "sweep_table", "summarize", "choose",
+__all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "noise_check", "measured_row", "sweep_table", "summarize", "choose", "paired_effects", "within_setting_correlations",
            "fig_sweep", "write_sweep_report", "TASK", "STEPS", "LR", "EXAMPLES"]
 
 TASK = "rt-minilm"
@@ -94,39 +100,61 @@ def noise_check(out: Path, results: Path, command: str, *, seed: int = 0, task: 
     return rows
 
 
-def _lambda_max(run: Path, examples: int, batch_size: int, tol: float) -> dict[str, pd.DataFrame]:
-    model, task, cfg = load_run(run)
+def _lambda_max(run: Path, examples: int, batch_size: int, tol: float) -> dict[str, float]:
+    """λ₁ of the run's loss on its first ``examples`` validation examples, in the balanced LoRA and the
+    merged space (Lanczos, :func:`~landscape.hessian.hessian_eigenvalues`)."""
+    model, task, _ = load_run(run)
     loss = Loss(task.batches("validation", batch_size, limit=examples))
-    rows = []
-    for name, (probed, sp) in probe_spaces(model, (BALANCED, "merged"), task.lora_targets).items():
-        eig = hessian_eigenvalues(probed, loss, sp, k=1, tol=tol, seed=0, progress=False)
-        rows.append({"space": name, "lambda_max": float(eig.eigenvalues[0]), "num_hvp": eig.num_hvp,
-                     "seconds": eig.seconds})
-    return {"eigenvalues": pd.DataFrame(rows)}
+    return {name: float(hessian_eigenvalues(probed, loss, sp, k=1, tol=tol, seed=0, progress=False).eigenvalues[0])
+            for name, (probed, sp) in probe_spaces(model, (BALANCED, "merged"), task.lora_targets).items()}
+
+
+UNIT_ROW = "sweep-row.json"
+
+
+def measured_row(out: Path, units: Path, setting: Setting, seed: int, probe: dict, task: str = TASK
+                 ) -> Optional[dict]:
+    """The sweep's row of one run, from its committed unit UNITS/SETTING-sSEED/ when that holds a row
+    measured on the same run files (:func:`~landscape.study.pipeline.run_fingerprint`) with the same
+    ``probe`` settings; otherwise measured again — on the finished run in OUT, else on the unit's own
+    copy of the run — and written back: the run's portable files
+    (:func:`~landscape.study.pipeline.publish_run`) and then ``sweep-row.json`` = {row, probe, files}.
+
+    None when there is neither a run nor a unit. A unit with a row but no run files (its run was not
+    kept) is reused only with the same ``probe`` settings, and refused otherwise: nothing is left to
+    measure again."""
+    local = run_path(out, setting, seed, task)
+    unit = Path(units) / local.name
+    saved = read_json(unit / UNIT_ROW) if (unit / UNIT_ROW).exists() else None
+    source = next((d for d in (local, unit) if (d / "metrics.json").exists()), None)
+    if source is None:
+        if saved is not None and saved["probe"] != probe:
+            raise ExactStudyError(f"{unit / UNIT_ROW} holds λ₁ measured with {saved['probe']}, not {probe}, and its "
+                                  f"run is not kept: pass those settings, or train {local} again")
+        return None if saved is None else saved["row"]
+    files = run_fingerprint(source)
+    if saved is not None and saved["probe"] == probe and saved["files"] == files:
+        return saved["row"]
+    lam = _lambda_max(source, probe["examples"], probe["batch_size"], probe["tol"])
+    metrics = read_json(source / "metrics.json")
+    row = {"setting": setting.name, "method": setting.method, "seed": seed,
+           "val_accuracy": metrics["validation"]["accuracy"], "test_accuracy": metrics["accuracy"],
+           "wall_time_s": metrics["wall_time_s"], "own_space": own_space(setting.method),
+           "lambda_own": lam[own_space(setting.method)], **{f"lambda_{sp}": v for sp, v in lam.items()}}
+    if source == local:
+        publish_run(local, unit)
+    atomic_write_json(unit / UNIT_ROW, {"row": row, "probe": probe, "files": files})
+    return row
 
 
 def sweep_table(out: Path, settings: Sequence[Setting] = SWEEP_SETTINGS, seeds: Sequence[int] = (0,), *,
-                task: str = TASK, examples: int = EXAMPLES, batch_size: int = 32, tol: float = EIG_TOL) -> pd.DataFrame:
-    """One row per finished run: setting, method, seed, validation and test accuracy, wall time, and
-    λ₁ in the balanced LoRA and merged spaces (computed, or reused from OUT/TASK/sweep-parts when the
-    run's files and these settings match)."""
-    parts = PartFiles(Path(out) / task / "sweep-parts", names=("eigenvalues",))
-    rows = []
-    for setting in settings:
-        for seed in seeds:
-            d = run_path(out, setting, seed, task)
-            if not (d / "metrics.json").exists():
-                continue
-            fingerprint = {"files": run_fingerprint(d), "split": "validation", "examples": examples,
-                           "batch_size": batch_size, "tol": tol}
-            eig = parts.get(d.name, fingerprint, lambda d=d: _lambda_max(d, examples, batch_size, tol))["eigenvalues"]
-            metrics = read_json(d / "metrics.json")
-            lam = eig.set_index("space")["lambda_max"]
-            rows.append({"setting": setting.name, "method": setting.method, "seed": seed,
-                         "val_accuracy": metrics["validation"]["accuracy"], "test_accuracy": metrics["accuracy"],
-                         "wall_time_s": metrics["wall_time_s"], "own_space": own_space(setting.method),
-                         "lambda_own": float(lam[own_space(setting.method)]),
-                         **{f"lambda_{sp}": float(v) for sp, v in lam.items()}})
+                units: Path, task: str = TASK, examples: int = EXAMPLES, batch_size: int = 32,
+                tol: float = EIG_TOL) -> pd.DataFrame:
+    """One row per run that OUT or the committed UNITS holds (:func:`measured_row`): setting, method,
+    seed, validation and test accuracy, wall time, and λ₁ in the balanced LoRA and merged spaces."""
+    probe = {"split": "validation", "examples": examples, "batch_size": batch_size, "tol": tol}
+    rows = [row for setting in settings for seed in seeds
+            if (row := measured_row(out, units, setting, seed, probe, task)) is not None]
     return pd.DataFrame(rows)
 
 
@@ -161,6 +189,62 @@ def choose(summary: pd.DataFrame) -> pd.DataFrame:
         rows.append({"method": method, "best_validation": g.loc[g["val_accuracy"].idxmax(), "setting"],
                      "flattest_own_space": g.loc[own.idxmin(), "setting"] if own.notna().any() else "—"})
     return pd.DataFrame(rows)
+
+
+EFFECTS = {"test_accuracy": "test accuracy − LoRA's", f"lambda_{BALANCED}": "balanced-LoRA λ₁ ÷ LoRA's",
+           "lambda_merged": "merged λ₁ ÷ LoRA's", "gap": "(balanced-LoRA ÷ merged) ÷ LoRA's"}
+
+
+def paired_effects(table: pd.DataFrame) -> pd.DataFrame:
+    """Each setting against plain LoRA with the same seed (:func:`~landscape.study.report.paired_differences`),
+    one row per setting × effect of :data:`EFFECTS`: the difference in test accuracy, and on the log
+    scale (reported as ratios exp(d̄), with the Student-t interval) λ₁ in the balanced LoRA space, in
+    the merged space, and the **gap** log λ₁(balanced LoRA) − log λ₁(merged) — below 1 when a setting
+    is flatter, against LoRA, in the LoRA space than in the merged space: the claim's pattern. p is
+    Holm-adjusted within each effect over the settings shown: those with two seeds or more paired."""
+    logs = table.assign(**{c: np.log(table[c]) for c in (f"lambda_{BALANCED}", "lambda_merged")})
+    logs = logs.assign(gap=logs[f"lambda_{BALANCED}"] - logs["lambda_merged"])
+    lora_seeds = set(logs.loc[logs["method"] == "lora", "seed"])
+    pairs = logs[logs["seed"].isin(lora_seeds)].groupby("setting")["seed"].nunique()
+    logs = logs[logs["setting"].isin(pairs[pairs >= 2].index)]
+    frames = []
+    for value, name in EFFECTS.items():
+        d = paired_differences(logs, value)
+        if value != "test_accuracy":
+            d = d.assign(**{c: np.exp(d[c]) for c in ("difference", "low", "high")})
+        frames.append(d.drop(columns="base_mean").assign(effect=name))
+    out = pd.concat(frames, ignore_index=True)
+    return out[["setting", "effect", "pairs", "difference", "low", "high", "p", "p_holm"]]
+
+
+def within_setting_correlations(table: pd.DataFrame, min_n: int = 5) -> pd.DataFrame:
+    """Spearman's ρ of λ₁ (balanced LoRA, merged) against test accuracy across the seeds of each
+    setting with at least ``min_n`` seeds, never pooled over settings
+    (:func:`~landscape.study.report.within_group_spearman`; Holm over every setting × space)."""
+    long = pd.concat([table.assign(space=sp, lambda_max=table[f"lambda_{sp}"]) for sp in SUMMARY_SPACES])
+    long = long[long.groupby(["setting", "space"])["seed"].transform("nunique") >= min_n]
+    if long.empty:
+        return pd.DataFrame(columns=["setting", "space", "n", "rho", "p", "p_holm"])
+    return within_group_spearman(long, "lambda_max", "test_accuracy", by=("setting", "space"), min_n=min_n)
+
+
+def _seeds_section(table: pd.DataFrame) -> list[str]:
+    """The paired effects and the within-setting correlations, once some setting has two seeds."""
+    effects = paired_effects(table)
+    if effects.empty:
+        return []
+    estimate = effects.apply(lambda r: f"{r['difference']:.3g} [{r['low']:.3g}, {r['high']:.3g}]", axis=1)
+    shown = effects.assign(estimate=estimate)[["setting", "effect", "pairs", "estimate", "p", "p_holm"]]
+    lines = ["", "## Against LoRA, paired by seed (settings with two seeds or more)", "",
+             "Test accuracy as a difference, λ₁ as a ratio (geometric mean over seeds), each with its Student-t 95 % "
+             "interval and paired t-test; p_holm is Holm-adjusted within each effect over the settings shown. The "
+             "last effect is the claim's pattern: below 1, a setting is flatter, against LoRA, in the LoRA space "
+             "than in the merged space.", "", markdown_table(shown, floatfmt=".3g")]
+    within = within_setting_correlations(table)
+    if len(within):
+        lines += ["", "Spearman ρ of λ₁ against test accuracy across the seeds of each setting (within a setting; "
+                      "Holm over every setting × space):", "", markdown_table(within, floatfmt=".3g")]
+    return lines
 
 
 def _claim_section(table: pd.DataFrame) -> list[str]:
@@ -223,7 +307,8 @@ def write_sweep_report(table: pd.DataFrame, results: Path, command: str, *, figu
              f"Made by `{command}` from `sweep.csv`.", "",
              "## Per setting (accuracy: mean; λ₁: median over seeds; ratio: geometric mean over seeds of λ₁ over "
              "LoRA's in the same space with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
-             "## The settings the comparison uses", "", markdown_table(chosen), *_claim_section(table),
+             "## The settings the comparison uses", "", markdown_table(chosen), *_seeds_section(table),
+             *_claim_section(table),
              *_noise_section(results),
              *[f"\n![{p.stem}]({Path(os.path.relpath(p.resolve(), results.resolve())).as_posix()})" for p in made
                if p.suffix == ".png"]]
