@@ -65,3 +65,26 @@ def test_a_finished_run_trained_otherwise_is_refused_not_reused(tmp_path, shared
     with pytest.raises(SystemExit) as e:
         mismatch_study["main"](args + ["--lr", "0.05"])
     assert e.value.code != 0 and "trained with other ['lr']" in capsys.readouterr().err
+
+
+def test_a_new_machine_continues_from_the_committed_results(tmp_path, shared_digits_pretraining, monkeypatch):
+    """RESULTS alone (committed) carries the study: each LoRA-family run is a loadable unit in
+    RESULTS/TASK/runs/, and with a fresh --out nothing is trained or probed again."""
+    import pytest
+
+    from flatlora import load_run
+    from landscape.study import pipeline
+
+    common = ["--results", str(tmp_path / "results"), "--figures", str(tmp_path / "fig"), "--tasks", "digits-mlp",
+              "--methods", "lora", "flat-lora", "--seeds", "0", "--steps", "digits-mlp=4", "--examples", "16",
+              "--spaces", "merged", "--no-progress"]
+    assert mismatch_study["main"](["--out", str(tmp_path / "runs"), *common]) == 0
+    unit = tmp_path / "results" / "digits-mlp" / "runs" / "flat-lora-s0"
+    assert pipeline.run_fingerprint(unit) == pipeline.run_fingerprint(tmp_path / "runs" / "digits-mlp" / "flat-lora-s0")
+    load_run(unit)
+    probes = (tmp_path / "results" / "digits-mlp" / "probes.csv").read_text()
+    for name in ("run", "probe_model", "corruption_accuracy"):
+        monkeypatch.setattr(pipeline, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran again"))
+    assert mismatch_study["main"](["--out", str(tmp_path / "new-machine"), *common]) == 0
+    assert not (tmp_path / "new-machine").exists()
+    assert (tmp_path / "results" / "digits-mlp" / "probes.csv").read_text() == probes

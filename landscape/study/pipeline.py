@@ -6,7 +6,10 @@ the scripts in ``analysis_scripts/`` call.
   path and fingerprinted by the run's files (config, metrics, weights) and every probe setting, so
   a part is reused only for the same run, trained the same way, probed the same way;
 * :func:`task_figures` — every figure that a task's result tables allow;
-* :func:`run_study` — train → probe → robustness → report, each stage resumable.
+* :func:`run_study` — train → probe → robustness → report, each stage resumable. Each finished
+  LoRA-family run is published (:func:`publish_run`) as a committed unit RESULTS/TASK/runs/METHOD-sSEED/
+  and its probe and robustness parts live in RESULTS, keyed by the run's name and fingerprinted by
+  its content: committed as it grows, RESULTS carries a long study from one machine to the next.
 
 Under ``torchrun`` every rank calls these alike: training is data-parallel, each probe's work is
 split over the ranks, the robustness runs are split across them; rank 0 writes the shared files.
@@ -25,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 from torch import nn
 
-from flatlora import TrainConfig, distributed, get_task, load_run, run
+from flatlora import TrainConfig, distributed, get_method, get_task, load_run, run
 from flatlora.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from flatlora.training import RunExistsError
 
@@ -40,7 +43,7 @@ from .report import accuracy_section, collect_metrics, markdown_table, robustnes
 from .robustness import corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -96,11 +99,16 @@ def _relative(path: Path, to: Path) -> str:
 @dataclass
 class ProbeTarget:
     """One model to probe: its folder (naming its part and its rows), the content hashes of what it
-    is made of, and how to load it: ``load() -> (model, loss, tags, lora_targets)``."""
+    is made of, and how to load it: ``load() -> (model, loss, tags, lora_targets)``. ``key`` names its
+    part when the folder's name alone is not unique enough: by default the name and a hash of the
+    resolved path (a part then belongs to this machine's folder); a study's runs, named
+    METHOD-sSEED within a task's parts, are keyed by name, so that committed parts serve any machine
+    (their files' content hashes still decide reuse)."""
 
     path: Path
     files: dict
     load: Callable[[], tuple[nn.Module, Loss, dict, Optional[Sequence[str]]]]
+    key: Optional[str] = None
 
 
 def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSettings, data: dict,
@@ -109,15 +117,15 @@ def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSett
     (measures) and ``OUT-curves.csv`` atomically; return both frames. Rows carry the target's tags
     and its path relative to ``out``'s folder (``run``).
 
-    A target's part is keyed by its resolved path and reused only when its files, every suite
-    setting and ``data`` (what the loss is made of: split or file, examples, batch size) are those
-    it was made with; otherwise it is probed again and its part replaced."""
+    A target's part is keyed by its resolved path (or its ``key``) and reused only when its files,
+    every suite setting and ``data`` (what the loss is made of: split or file, examples, batch size)
+    are those it was made with; otherwise it is probed again and its part replaced."""
     out = Path(out)
     parts = PartFiles(parts or out.with_name(out.name + ".parts"), names=("measures", "curves"))
     measures, curves = [], []
     for target in targets:
-        fingerprint = {"path": str(target.path.resolve()), "files": target.files, "settings": settings.as_dict(),
-                       **data}
+        where = {"path": str(target.path.resolve())} if target.key is None else {}
+        fingerprint = {**where, "files": target.files, "settings": settings.as_dict(), **data}
 
         def compute(target=target) -> dict[str, pd.DataFrame]:
             model, loss, tags, lora_targets = target.load()
@@ -128,7 +136,7 @@ def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSett
                                progress=progress and distributed.is_main())
             return {"measures": m.assign(**tags), "curves": c.assign(**tags)}
 
-        tables = parts.get(_part_key(target.path), fingerprint, compute)
+        tables = parts.get(target.key or _part_key(target.path), fingerprint, compute)
         rel = _relative(target.path, out.parent)
         measures.append(tables["measures"].assign(run=rel))
         curves.append(tables["curves"].assign(run=rel))
@@ -141,18 +149,19 @@ def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSett
 
 
 def probe_runs(runs: Sequence[str | os.PathLike], out: Path, settings: ProbeSettings, split: str, examples: int,
-               batch_size: int, progress: bool = False, parts: Optional[Path] = None
+               batch_size: int, progress: bool = False, parts: Optional[Path] = None, by_name: bool = False
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`probe_targets` on run folders written by :func:`flatlora.run`, each on the first
     ``examples`` examples of its task's ``split`` (the same batches for every run of a task);
-    rows tagged with task, method and seed."""
+    rows tagged with task, method and seed. ``by_name``: parts keyed by the runs' folder names
+    (unique among ``runs``), not by where they are."""
     def target(run_path: Path) -> ProbeTarget:
         def load():
             model, task, cfg = load_run(run_path)
             loss = Loss(task.batches(split, batch_size, limit=examples))
             return model, loss, {"task": cfg["task"], "method": cfg["method"], "seed": cfg["seed"]}, task.lora_targets
 
-        return ProbeTarget(run_path, run_fingerprint(run_path), load)
+        return ProbeTarget(run_path, run_fingerprint(run_path), load, run_path.name if by_name else None)
 
     return probe_targets([target(Path(r)) for r in runs], out, settings,
                          {"split": split, "examples": examples, "batch_size": batch_size}, progress, parts)
@@ -295,6 +304,29 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / task / f"{method}-s{seed}"
 
 
+def unit_dir(results: Path, task: str, method: str, seed: int) -> Path:
+    """Where a study's finished LoRA-family run is committed (:func:`publish_run`): RESULTS/TASK/runs/METHOD-sSEED."""
+    return Path(results) / task / "runs" / f"{method}-s{seed}"
+
+
+def run_source(out: Path, results: Path, task: str, method: str, seed: int) -> Optional[Path]:
+    """The finished run of TASK × METHOD × SEED: its committed unit in RESULTS when there is one (the
+    same files on every machine), else OUT/TASK/METHOD-sSEED when it finished here (full fine-tuning,
+    whose weights are not committed), else None."""
+    for d in (unit_dir(results, task, method, seed), run_dir(out, task, method, seed)):
+        if (d / "metrics.json").exists():
+            return d
+    return None
+
+
+def _publish(run_path: Path, unit: Path, method: str) -> None:
+    """Commit-ready copy of a finished LoRA-family run (rank 0), unless the unit already holds the same files."""
+    if not distributed.is_main() or not get_method(method).uses_lora or run_path == unit:
+        return
+    if not (unit / "metrics.json").exists() or run_fingerprint(unit) != run_fingerprint(run_path):
+        publish_run(run_path, unit)
+
+
 class StudySettingsError(ValueError):
     """A run folder holds a run trained otherwise than the study now asks (its results would be mixed in)."""
 
@@ -329,31 +361,35 @@ class Recipe:
         return {k: v for k, v in given.items() if v is not None}
 
 
-def train_all(out: Path, tasks, methods, seeds, steps: dict, progress: bool, recipe: Recipe = Recipe()) -> None:
-    """Train every task × method × seed that has no finished run (an interrupted one resumes). A
-    finished run trained with other settings is a :class:`StudySettingsError`: it would be reused as
-    if it were this study's."""
+def train_all(out: Path, results: Path, tasks, methods, seeds, steps: dict, progress: bool,
+              recipe: Recipe = Recipe()) -> None:
+    """Train every task × method × seed that has no finished run (:func:`run_source`; an interrupted one
+    resumes), and publish each finished LoRA-family run as its unit in RESULTS (commit it: a new
+    machine goes on from there). A finished run trained with other settings is a
+    :class:`StudySettingsError`: it would be reused as if it were this study's."""
     for task in tasks:  # method-major: every seed of the first methods before the next method
         for method in methods:
             fields = recipe.fields(method)
             for seed in seeds:
-                d = run_dir(out, task, method, seed)
-                if distributed.broadcast_object((d / "metrics.json").exists()):
+                d = distributed.broadcast_object(run_source(out, results, task, method, seed))
+                if d is not None:
                     differ = differing_settings(d, {"method": method, "seed": seed, "steps": steps[task], **fields})
                     if differ:
                         raise StudySettingsError(f"{d} holds a finished run trained with other {differ}; delete it "
-                                                 "or pass another --out")
-                    continue
-                say(f"[study] train {task} {method} seed {seed} ({steps[task]} steps) → {d}")
-                try:
-                    run(TrainConfig(task=task, method=method, seed=seed, steps=steps[task], **fields), d,
-                        progress=progress)
-                except RunExistsError as e:  # an interrupted run with other settings
-                    raise StudySettingsError(f"{e}; or delete {d}, or pass another --out") from None
+                                                 "or pass another --out or --results")
+                else:
+                    d = run_dir(out, task, method, seed)
+                    say(f"[study] train {task} {method} seed {seed} ({steps[task]} steps) → {d}")
+                    try:
+                        run(TrainConfig(task=task, method=method, seed=seed, steps=steps[task], **fields), d,
+                            progress=progress)
+                    except RunExistsError as e:  # an interrupted run with other settings
+                        raise StudySettingsError(f"{e}; or delete {d}, or pass another --out") from None
+                _publish(d, unit_dir(results, task, method, seed), method)
 
 
-def finished_runs(out: Path, task: str, methods, seeds) -> list[Path]:
-    return [d for s in seeds for m in methods if ((d := run_dir(out, task, m, s)) / "metrics.json").exists()]
+def finished_runs(out: Path, results: Path, task: str, methods, seeds) -> list[Path]:
+    return [d for s in seeds for m in methods if (d := run_source(out, results, task, m, s)) is not None]
 
 
 def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: ProbeSettings, split: str,
@@ -362,27 +398,27 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
     :data:`~landscape.study.figures.PLANE_METHODS` that has a run."""
     res = results / task
     res.mkdir(parents=True, exist_ok=True)
-    probe_runs(runs, res / "probes.csv", settings, split, examples, batch_size, parts=out / task / "probe-parts")
+    probe_runs(runs, res / "probes.csv", settings, split, examples, batch_size, parts=res / "probe-parts", by_name=True)
     if distributed.is_main():
         atomic_write_json(res / "probes-manifest.json", manifest(settings, runs, res / "probes.csv", split, examples,
                                                                  batch_size))
     planes = []
     for method in PLANE_METHODS:
-        d = run_dir(out, task, method, 0)
-        if not (d / "metrics.json").exists():
+        d = run_source(out, results, task, method, 0)
+        if d is None:
             continue
         model, t, _ = load_run(d)
         loss = Loss(t.batches(split, batch_size, limit=examples))
         frame = loss_plane(model, loss, space="merged", grid=21, span=1.0, seed=0,
-                           results_path=out / task / f"plane-{method}.json", progress=False)
+                           results_path=res / "plane-parts" / f"{method}-s0.json", progress=False)
         planes.append(frame.assign(task=task, method=method, seed=0))
     if planes and distributed.is_main():
         atomic_write_text(res / "planes.csv", pd.concat(planes, ignore_index=True).to_csv(index=False))
 
 
-def robust_all(out: Path, results: Path, task: str, runs: list[Path], limit: int) -> None:
+def robust_all(results: Path, task: str, runs: list[Path], limit: int) -> None:
     """Accuracy under corruptions, one part per run (under torchrun: the runs split across ranks)."""
-    parts = PartFiles(out / task / "robust-parts", names=("robustness",))
+    parts = PartFiles(results / task / "robust-parts", names=("robustness",))
     for d in distributed.shard(runs):
         def compute(d=d) -> dict[str, pd.DataFrame]:
             model, t, cfg = load_run(d)
@@ -390,22 +426,22 @@ def robust_all(out: Path, results: Path, task: str, runs: list[Path], limit: int
             frame = corruption_accuracy(model, t, limit=limit)
             return {"robustness": frame.assign(task=task, method=cfg["method"], seed=cfg["seed"])}
 
-        parts.get(_part_key(d), {"files": run_fingerprint(d), "limit": limit}, compute, collective=False)
+        parts.get(d.name, {"files": run_fingerprint(d), "limit": limit}, compute, collective=False)
     distributed.barrier()
     if distributed.is_main():
-        frames = [parts.read(_part_key(d))["robustness"] for d in runs]
+        frames = [parts.read(d.name)["robustness"] for d in runs]
         atomic_write_text(results / task / "robustness.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
     distributed.barrier()
 
 
-def error_section(out: Path, task: str, seeds) -> str:
+def error_section(out: Path, results: Path, task: str, seeds) -> str:
     """LoRA vs Flat-LoRA on the same test examples, per seed (the pairs share the data order)."""
     t = get_task(task)
     labels = [e["label"] for e in t.splits["test"]]
     rows, shown = [], None
     for s in seeds:
-        a, b = run_dir(out, task, "lora", s), run_dir(out, task, "flat-lora", s)
-        if not ((a / "predictions.json").exists() and (b / "predictions.json").exists()):
+        a, b = run_source(out, results, task, "lora", s), run_source(out, results, task, "flat-lora", s)
+        if a is None or b is None or not ((a / "predictions.json").exists() and (b / "predictions.json").exists()):
             continue
         counts, table = compare_predictions(labels, read_json(a / "predictions.json")["predictions"],
                                             read_json(b / "predictions.json")["predictions"], names=("lora", "flat-lora"),
@@ -425,7 +461,7 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
     """Metrics tables, figures and ``results/report.md`` from what the earlier stages wrote."""
     sections = ["# Flatness-mismatch study", "", f"Made by `{command}`.", ""]
     for task in tasks:
-        runs = finished_runs(out, task, methods, seeds)
+        runs = finished_runs(out, results, task, methods, seeds)
         if not runs:
             continue
         res = results / task
@@ -438,7 +474,7 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
                          sharpness_section(pd.read_csv(res / "probes.csv")), ""]
         if (res / "robustness.csv").exists():
             sections += ["### Robustness to messy input", "", robustness_section(pd.read_csv(res / "robustness.csv")), ""]
-        sections += ["### Error analysis: LoRA vs Flat-LoRA", "", error_section(out, task, seeds), ""]
+        sections += ["### Error analysis: LoRA vs Flat-LoRA", "", error_section(out, results, task, seeds), ""]
         pngs = [f"![{p.stem}]({_relative(p, results)})" for p in made if p.suffix == ".png"]
         sections += (["### Figures", ""] + pngs + [""]) if pngs else []
     path = results / "report.md"
@@ -451,16 +487,19 @@ def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], 
               examples: int, batch_size: int, robust_examples: int, progress: bool, command: str,
               recipe: Recipe = Recipe()) -> None:
     """The stages in order (each skips what is already done): ``train`` every task × method × seed
-    into OUT/TASK/METHOD-sSEED/, ``probe`` them (results/TASK/probes.csv, planes.csv), ``robust``
-    (results/TASK/robustness.csv), ``report`` (figures and results/report.md)."""
+    into OUT/TASK/METHOD-sSEED/ and publish each LoRA-family run to RESULTS/TASK/runs/METHOD-sSEED/,
+    ``probe`` them (RESULTS/TASK/probes.csv, planes.csv; parts in RESULTS/TASK/probe-parts/ and
+    plane-parts/), ``robust`` (RESULTS/TASK/robustness.csv; parts in robust-parts/), ``report``
+    (figures and RESULTS/report.md). Every stage reads a run from its committed unit when there is
+    one, so that RESULTS, committed as it grows, carries the study to a new machine."""
     out, results = Path(out), Path(results)
     if "train" in stages:
-        train_all(out, tasks, methods, seeds, steps, progress=progress, recipe=recipe)
+        train_all(out, results, tasks, methods, seeds, steps, progress=progress, recipe=recipe)
     for task in tasks:
-        runs = finished_runs(out, task, methods, seeds)
+        runs = finished_runs(out, results, task, methods, seeds)
         if "probe" in stages and runs:
             probe_all(out, results, task, runs, settings, split, examples, batch_size)
         if "robust" in stages and runs and get_task(task).encode is not None:
-            robust_all(out, results, task, runs, robust_examples)
+            robust_all(results, task, runs, robust_examples)
     if "report" in stages and distributed.is_main():
         say(f"[study] report: {report(out, results, Path(figures), tasks, methods, seeds, command)}")
