@@ -15,12 +15,19 @@ A finished run trained otherwise than asked is an error, never reused.
 
 Stages (each resumable — finished runs and probe results are reused):
 
-1. ``train``  — ``flatlora.run`` for each task × method × seed into OUT/TASK/METHOD-sSEED/;
-2. ``probe``  — ``analysis_scripts/probe.py``'s suite on every run → OUT/TASK/probes.csv;
-3. ``robust`` — accuracy under seeded text corruptions → OUT/TASK/robustness.csv;
+1. ``train``  — ``flatlora.run`` for each task × method × seed into OUT/TASK/METHOD-sSEED/, each
+   finished LoRA-family run then copied (config, metrics, predictions, adapter: a few MB) to its
+   unit RESULTS/TASK/runs/METHOD-sSEED/, which every later stage reads;
+2. ``probe``  — ``analysis_scripts/probe.py``'s suite on every run → RESULTS/TASK/probes.csv (one part
+   per run in RESULTS/TASK/probe-parts/, keyed by the run's name and the content hashes of its files);
+3. ``robust`` — accuracy under seeded text corruptions → RESULTS/TASK/robustness.csv;
 4. ``report`` — figures into --figures and a markdown report RESULTS/report.md (accuracy and weighted F1
    mean ± std, Welch and paired t-tests of Flat-LoRA vs LoRA, sharpness per space and method, error
    analysis).
+
+Commit RESULTS as it grows (each unit and part is small): a new machine then goes on where the last
+stopped — nothing committed is trained or probed again. Full fine-tuning's weights are not committed
+(MiniLM's are 90 MB): its probe parts are, and the run itself stays in OUT.
 
 Under ``torchrun --nproc_per_node N`` the same command trains each run with DDP, splits each
 probe's work and the robustness runs across the N processes; rank 0 writes the shared files.
@@ -39,7 +46,7 @@ from landscape.study.suite import ProbeSettings
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="runs/study", help="folder for the trained runs and resumable parts (not committed)")
+    p.add_argument("--out", default="runs/study", help="folder for the trained runs and their checkpoints (not committed)")
     p.add_argument("--figures", default="figures/study", help="folder for the figures")
     p.add_argument("--tasks", nargs="+", default=["rt-minilm", "r8-minilm"], help="tasks to study")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="training methods to compare")
@@ -57,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--rho-lora", type=float, default=None, help="SAM's ρ on the LoRA factors (sam-lora)")
     p.add_argument("--rho-full", type=float, default=None, help="SAM's ρ on the merged weights (sam-full)")
     p.add_argument("--results", default="results/study/minilm",
-                   help="tables and the report (committed); the study's index RESULTS/../report.md is rebuilt")
+                   help="the runs' units, resumable parts, tables and the report (committed); the study's index "
+                        "RESULTS/../report.md is rebuilt")
     # the probe suite's settings (analysis_scripts/probe.py): the LoRA space in the balanced gauge
     # beside the merged, tangent and normal spaces, on 128 validation examples (issue 14: λ₁ on 32
     # examples varied more between slices than between seeds); lines and noise cheaper than the
