@@ -74,10 +74,35 @@ def test_every_decimal_in_the_exact_digits_prose_is_in_the_summary():
 
 
 def test_readme_quotes_the_minilm_sweep_summary_as_it_is():
-    """Both of the README's MiniLM sweep tables (the settings, the noise check) are tables of the
-    committed rt-minilm-sweep/summary.md, whole: every row, none missing."""
+    """The README's MiniLM sweep tables are the committed rt-minilm-sweep/summary.md's, whole (every
+    row, none missing): the settings, the paired effects against LoRA, the within-setting
+    correlations and the noise check — all but the choice of settings, which the prose names."""
     tables = _tables(SWEEP.read_text(encoding="utf-8"))
-    assert _tables(_section(SWEEP_SECTION)) == [tables[0], tables[-1]]
+    assert len(tables) == 5
+    assert _tables(_section(SWEEP_SECTION)) == [tables[0], *tables[2:]]
+
+
+def test_the_minilm_sweep_paired_tests_recomputed_with_scipy():
+    """The claim's pattern on MiniLM: for each setting with several seeds, the paired t-test of
+    log λ₁(balanced LoRA) − log λ₁(merged) against LoRA's with the same seed, by scipy.stats.ttest_rel
+    on the committed sweep.csv, and Holm written out here, are the p and p_holm that summary.md states."""
+    import numpy as np
+    from scipy import stats
+
+    runs = pd.read_csv(SWEEP.with_name("sweep.csv"))
+    runs["gap"] = np.log(runs["lambda_lora-balanced"]) - np.log(runs["lambda_merged"])
+    gap = runs.pivot(index="seed", columns="setting", values="gap")
+    several = [s for s in gap.columns if s != "lora" and gap[s].notna().sum() >= 2]
+    assert len(several) >= 3
+    p = {s: stats.ttest_rel(gap[s].dropna(), gap["lora"][gap[s].notna()]).pvalue for s in several}
+    adjusted, running = {}, 0.0
+    for i, (s, value) in enumerate(sorted(p.items(), key=lambda kv: kv[1])):
+        running = max(running, min(1.0, (len(p) - i) * value))
+        adjusted[s] = running
+    rows = [line.split(" | ") for line in SWEEP.read_text(encoding="utf-8").splitlines()
+            if "| (balanced-LoRA ÷ merged) ÷ LoRA's |" in line]
+    stated = {r[0].lstrip("| "): (r[4], r[5].rstrip(" |")) for r in rows}
+    assert stated == {s: (f"{p[s]:.3g}", f"{adjusted[s]:.3g}") for s in several}
 
 
 def test_every_decimal_in_the_minilm_sweep_prose_is_in_its_summary():

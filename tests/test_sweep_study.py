@@ -216,4 +216,6 @@ def test_the_sweep_report_draws_one_point_per_run_and_links_it(swept, tmp_path):
     sweep.write_sweep_report(table, tmp_path / "results", "test", figures=tmp_path / "fig", task="digits-mlp")
     fig = sweep.fig_sweep(table, "digits-mlp")
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == len(table)
+    assert len(fig.axes[1].containers) == 2 * (table["setting"].nunique() - 1)  # both spaces of each setting
+    assert len(sweep.fig_sweep(table[table["seed"] == 0], "digits-mlp").axes) == 1  # one seed: no ratio panel
     assert "![digits-mlp-sweep](../fig/digits-mlp-sweep.png)" in (tmp_path / "results" / "summary.md").read_text()

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
 
 from flatlora import load_run
 from flatlora.io import atomic_write_json, atomic_write_text, read_json
@@ -276,21 +277,50 @@ def _noise_section(results: Path) -> list[str]:
 
 
 def fig_sweep(table: pd.DataFrame, task: str):
-    """Balanced-LoRA λ₁ against merged λ₁, one point per run of the sweep, coloured by method and
-    labelled with its setting, on log axes (issue 14.6 for a MiniLM task)."""
-    fig, ax = new_figure(5.2, 4.4)
+    """Left: balanced-LoRA λ₁ against merged λ₁, one point per run of the sweep, coloured by method,
+    on log axes (issue 14.6 for a MiniLM task); the first seed's points are labelled with their
+    setting. Right, once some setting has two seeds or more (:func:`paired_effects`): per setting,
+    λ₁ ÷ LoRA's with the same seed in the balanced LoRA space (circles) and the merged space
+    (squares), geometric means with their 95 % intervals — a setting whose circle sits below its
+    square is flatter, against LoRA, in the LoRA space than in the full one."""
+    effects = paired_effects(table)
+    fig, axes = new_figure(5.2, 4.4, panels=2 if len(effects) else 1)
+    ax = axes[0]
+    first = table["seed"].min()
     for method, g in table.groupby("method", sort=False):
         ax.scatter(g[f"lambda_{BALANCED}"], g["lambda_merged"], s=24, color=method_color(method), label=method)
-        for _, r in g.iterrows():
-            ax.annotate(f"{r['setting'].removeprefix(method + '-')} s{r['seed']}",
-                        (r[f"lambda_{BALANCED}"], r["lambda_merged"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+        for _, r in g[g["seed"] == first].iterrows():
+            ax.annotate(r["setting"].removeprefix(method + "-"), (r[f"lambda_{BALANCED}"], r["lambda_merged"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="λ₁, LoRA space (balanced gauge)", ylabel="λ₁, merged space",
            title=f"{task}: the settings sweep, one point per run\n{len(table)} runs, "
                  f"{table['seed'].nunique()} seed(s), {table['setting'].nunique()} settings")
     plain_log_axes(ax)
     ax.legend(fontsize=7)
+    if len(effects):
+        _fig_paired_ratios(axes[1], effects, table)
     return fig
+
+
+def _fig_paired_ratios(ax, effects: pd.DataFrame, table: pd.DataFrame) -> None:
+    """:func:`fig_sweep`'s right panel: the paired λ₁ ratios of :func:`paired_effects` with their intervals."""
+    methods = table.drop_duplicates("setting").set_index("setting")["method"]
+    for effect, marker, dx in ((EFFECTS[f"lambda_{BALANCED}"], "o", -0.12),
+                                (EFFECTS["lambda_merged"], "s", 0.12)):
+        e = effects[effects["effect"] == effect].reset_index(drop=True)
+        for i, r in e.iterrows():
+            ax.errorbar(i + dx, r["difference"], yerr=[[r["difference"] - r["low"]], [r["high"] - r["difference"]]],
+                        fmt=marker, color=method_color(methods[r["setting"]]), capsize=3,
+                        mfc="white" if marker == "s" else None)
+        ax.set_xticks(range(len(e)), [f"{s}\n({n} seeds)" for s, n in zip(e["setting"], e["pairs"])],
+                      rotation=20, fontsize=7, ha="right")
+    ax.axhline(1, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set(ylabel="λ₁ ÷ LoRA's, same seed (geometric mean, 95 % CI)",
+           title="each setting against LoRA, paired by seed")
+    ax.legend(handles=[Line2D([], [], color="k", marker="o", ls="", label="balanced LoRA"),
+                       Line2D([], [], color="k", marker="s", mfc="white", ls="", label="merged")],
+              fontsize=7, title="space", title_fontsize=7)
 
 
 def write_sweep_report(table: pd.DataFrame, results: Path, command: str, *, figures: Optional[Path] = None,
