@@ -76,9 +76,10 @@ def test_every_decimal_in_the_exact_digits_prose_is_in_the_summary():
 def test_readme_quotes_the_minilm_sweep_summary_as_it_is():
     """The README's MiniLM sweep tables are the committed rt-minilm-sweep/summary.md's, whole (every
     row, none missing): the settings, the paired effects against LoRA, the within-setting
-    correlations and the noise check — all but the choice of settings, which the prose names."""
+    correlations once a setting has 5 seeds, and the noise check — all but the choice of settings,
+    which the prose names."""
     tables = _tables(SWEEP.read_text(encoding="utf-8"))
-    assert len(tables) == 5
+    assert len(tables) >= 4
     assert _tables(_section(SWEEP_SECTION)) == [tables[0], *tables[2:]]
 
 
