@@ -17,7 +17,7 @@ Stages (each resumable — finished runs and probe results are reused):
 
 1. ``train``  — ``flatlora.run`` for each task × method × seed into OUT/TASK/METHOD-sSEED/, each
    finished LoRA-family run then copied (config, metrics, predictions, adapter: a few MB) to its
-   unit RESULTS/TASK/runs/METHOD-sSEED/, which every later stage reads;
+   unit RESULTS/TASK/units/METHOD-sSEED/, which every later stage reads;
 2. ``probe``  — ``analysis_scripts/probe.py``'s suite on every run → RESULTS/TASK/probes.csv (one part
    per run in RESULTS/TASK/probe-parts/, keyed by the run's name and the content hashes of its files);
 3. ``robust`` — accuracy under seeded text corruptions → RESULTS/TASK/robustness.csv;

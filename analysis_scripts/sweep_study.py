@@ -17,7 +17,7 @@ Stages (each resumable — finished runs and per-run λ₁ are reused):
    Flat-LoRA's noise at each swept σ against the change from one mini-batch to the next
    (landscape.study.noise_check) → RESULTS/noise_check.csv, and noise_check.json (the command, the
    run and the content hashes of its files);
-3. ``report`` — each finished run in OUT becomes a committed unit RESULTS/runs/SETTING-sSEED/ (its
+3. ``report`` — each finished run in OUT becomes a committed unit RESULTS/units/SETTING-sSEED/ (its
    portable files and its row: λ₁ in both spaces, accuracy, wall time); then RESULTS/sweep.csv,
    RESULTS/summary.md (with the noise check when there is one) and the study's index
    RESULTS/../report.md, built from the units alone — commit RESULTS after each unit, and a new
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--task", default=sweep.TASK, choices=("rt-minilm", "r8-minilm"), help="the MiniLM task")
     p.add_argument("--out", default="runs/sweep", help="folder for the trained runs (not committed; the report "
-                                                       "copies each finished run's small files into RESULTS/runs/)")
+                                                       "copies each finished run's small files into RESULTS/units/)")
     p.add_argument("--results", default=None,
                    help="folder for sweep.csv and summary.md (committed; default results/study/TASK-sweep)")
     p.add_argument("--figures", default="figures/study", help="folder for the sweep's figure (TASK-sweep.png)")
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             rows = sweep.noise_check(Path(a.out), results, command.strip(), seed=a.seeds[0], task=a.task)
             print(rows.groupby("sigma")[["noise_change", "batch_change", "noise_cosine", "batch_cosine"]].mean())
         if "report" in a.stage:
-            table = sweep.sweep_table(Path(a.out), settings, a.seeds, units=results / "runs", task=a.task,
+            table = sweep.sweep_table(Path(a.out), settings, a.seeds, units=results / "units", task=a.task,
                                           examples=a.examples)
             if table.empty:
                 fail(f"no finished runs in {a.out}/{a.task}: run --stage train first")

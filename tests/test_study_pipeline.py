@@ -69,7 +69,7 @@ def test_a_finished_run_trained_otherwise_is_refused_not_reused(tmp_path, shared
 
 def test_a_new_machine_continues_from_the_committed_results(tmp_path, shared_digits_pretraining, monkeypatch):
     """RESULTS alone (committed) carries the study: each LoRA-family run is a loadable unit in
-    RESULTS/TASK/runs/, and with a fresh --out nothing is trained or probed again."""
+    RESULTS/TASK/units/, and with a fresh --out nothing is trained or probed again."""
     import pytest
 
     from flatlora import load_run
@@ -79,8 +79,10 @@ def test_a_new_machine_continues_from_the_committed_results(tmp_path, shared_dig
               "--methods", "lora", "flat-lora", "--seeds", "0", "--steps", "digits-mlp=4", "--examples", "16",
               "--spaces", "merged", "--no-progress"]
     assert mismatch_study["main"](["--out", str(tmp_path / "runs"), *common]) == 0
-    unit = tmp_path / "results" / "digits-mlp" / "runs" / "flat-lora-s0"
-    assert pipeline.run_fingerprint(unit) == pipeline.run_fingerprint(tmp_path / "runs" / "digits-mlp" / "flat-lora-s0")
+    unit = tmp_path / "results" / "digits-mlp" / "units" / "flat-lora-s0"
+    local = tmp_path / "runs" / "digits-mlp" / "flat-lora-s0"
+    for name in ("config.json", "metrics.json", "predictions.json", "adapter/adapter_model.safetensors"):
+        assert (unit / name).read_bytes() == (local / name).read_bytes(), name
     load_run(unit)
     probes = (tmp_path / "results" / "digits-mlp" / "probes.csv").read_text()
     for name in ("run", "probe_model", "corruption_accuracy"):

@@ -52,7 +52,10 @@ def test_a_unit_is_a_portable_run_and_the_table_is_built_from_units_alone(swept,
 
     out, table = swept
     unit = out / "units" / "sam-lora-rho0.1-s1"
-    assert run_fingerprint(unit) == run_fingerprint(out / "digits-mlp" / "sam-lora-rho0.1-s1")
+    local = out / "digits-mlp" / "sam-lora-rho0.1-s1"
+    assert (unit / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        local / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert json.loads((unit / sweep.UNIT_ROW).read_text())["files"] == run_fingerprint(unit)
     assert not (unit / "checkpoint.pt").exists()
     load_run(unit)
     monkeypatch.setattr(sweep, "_lambda_max", lambda *a: pytest.fail("measured a unit whose run and settings match"))

@@ -7,7 +7,7 @@ the scripts in ``analysis_scripts/`` call.
   a part is reused only for the same run, trained the same way, probed the same way;
 * :func:`task_figures` — every figure that a task's result tables allow;
 * :func:`run_study` — train → probe → robustness → report, each stage resumable. Each finished
-  LoRA-family run is published (:func:`publish_run`) as a committed unit RESULTS/TASK/runs/METHOD-sSEED/
+  LoRA-family run is published (:func:`publish_run`) as a committed unit RESULTS/TASK/units/METHOD-sSEED/
   and its probe and robustness parts live in RESULTS, keyed by the run's name and fingerprinted by
   its content: committed as it grows, RESULTS carries a long study from one machine to the next.
 
@@ -69,8 +69,8 @@ def publish_run(run_path: Path, dest: Path) -> None:
     """Copy what a finished LoRA-family run needs to be loaded again (:data:`PORTABLE_RUN_FILES`: its
     settings, metrics, labels, test predictions and peft adapter, a few MB; not a checkpoint) into
     ``dest``, replacing what was there only once the copy is whole. ``dest`` is then itself a run
-    folder that :func:`flatlora.load_run` reads on any machine, with the same :func:`run_fingerprint`:
-    a study commits these so that its work survives a new machine. A run without an adapter
+    folder that :func:`flatlora.load_run` reads on any machine (its base-model path made relative,
+    :func:`relative_base_model`): a study commits these so that its work survives a new machine. A run without an adapter
     (full fine-tuning: its whole model) is refused: its weights are no small output."""
     run_path = Path(run_path)
     if not (run_path / "metrics.json").exists():
@@ -84,6 +84,24 @@ def publish_run(run_path: Path, dest: Path) -> None:
                 shutil.copytree(src, tmp / name)
             elif src.exists():
                 shutil.copy2(src, tmp / name)
+        relative_base_model(tmp / "adapter", Path(dest) / "adapter")
+
+
+def relative_base_model(adapter: Path, final: Path) -> None:
+    """Rewrite the absolute base-model path that peft's ``save_pretrained`` writes into
+    ``adapter_config.json`` and the card ``README.md`` as a path relative to ``final`` (where the
+    adapter folder will live), so that committed results hold no machine's paths. :func:`flatlora.load_run`
+    rebuilds the base model from the task and does not read it."""
+    import json
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base or not os.path.isabs(base):
+        return
+    rel = Path(os.path.relpath(base, Path(final).resolve())).as_posix()
+    for name in ("adapter_config.json", "README.md"):
+        if (adapter / name).exists():
+            (adapter / name).write_text((adapter / name).read_text().replace(base, rel))
 
 
 def _part_key(run_path: Path) -> str:
@@ -305,8 +323,8 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
 
 
 def unit_dir(results: Path, task: str, method: str, seed: int) -> Path:
-    """Where a study's finished LoRA-family run is committed (:func:`publish_run`): RESULTS/TASK/runs/METHOD-sSEED."""
-    return Path(results) / task / "runs" / f"{method}-s{seed}"
+    """Where a study's finished LoRA-family run is committed (:func:`publish_run`): RESULTS/TASK/units/METHOD-sSEED."""
+    return Path(results) / task / "units" / f"{method}-s{seed}"
 
 
 def run_source(out: Path, results: Path, task: str, method: str, seed: int) -> Optional[Path]:
@@ -320,10 +338,8 @@ def run_source(out: Path, results: Path, task: str, method: str, seed: int) -> O
 
 
 def _publish(run_path: Path, unit: Path, method: str) -> None:
-    """Commit-ready copy of a finished LoRA-family run (rank 0), unless the unit already holds the same files."""
-    if not distributed.is_main() or not get_method(method).uses_lora or run_path == unit:
-        return
-    if not (unit / "metrics.json").exists() or run_fingerprint(unit) != run_fingerprint(run_path):
+    """Commit-ready copy of a finished LoRA-family run (rank 0), unless it is read from its unit already."""
+    if distributed.is_main() and get_method(method).uses_lora and run_path != unit:
         publish_run(run_path, unit)
 
 
@@ -487,7 +503,7 @@ def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], 
               examples: int, batch_size: int, robust_examples: int, progress: bool, command: str,
               recipe: Recipe = Recipe()) -> None:
     """The stages in order (each skips what is already done): ``train`` every task × method × seed
-    into OUT/TASK/METHOD-sSEED/ and publish each LoRA-family run to RESULTS/TASK/runs/METHOD-sSEED/,
+    into OUT/TASK/METHOD-sSEED/ and publish each LoRA-family run to RESULTS/TASK/units/METHOD-sSEED/,
     ``probe`` them (RESULTS/TASK/probes.csv, planes.csv; parts in RESULTS/TASK/probe-parts/ and
     plane-parts/), ``robust`` (RESULTS/TASK/robustness.csv; parts in robust-parts/), ``report``
     (figures and RESULTS/report.md). Every stage reads a run from its committed unit when there is

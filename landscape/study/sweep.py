@@ -12,7 +12,7 @@ range (Li et al. use 1e-4 – 5e-4). For each run:
   space** — the LoRA space in the balanced gauge for LoRA, Flat-LoRA and SAM on A, B; the merged
   space for SAM on W — and in the merged space for every run.
 
-Each run is a committed **unit** (:func:`measured_row`): RESULTS/runs/SETTING-sSEED/ holds the run's
+Each run is a committed **unit** (:func:`measured_row`): RESULTS/units/SETTING-sSEED/ holds the run's
 portable files (settings, metrics, predictions, peft adapter: about 1.4 MB) and ``sweep-row.json``,
 its row keyed by the content hashes of those files and the probe settings. The report is built from
 the units alone, so that a new machine continues the sweep where the last one stopped; a unit is
@@ -117,9 +117,9 @@ def measured_row(out: Path, units: Path, setting: Setting, seed: int, probe: dic
                  ) -> Optional[dict]:
     """The sweep's row of one run, from its committed unit UNITS/SETTING-sSEED/ when that holds a row
     measured on the same run files (:func:`~landscape.study.pipeline.run_fingerprint`) with the same
-    ``probe`` settings; otherwise measured again — on the finished run in OUT, else on the unit's own
-    copy of the run — and written back: the run's portable files
-    (:func:`~landscape.study.pipeline.publish_run`) and then ``sweep-row.json`` = {row, probe, files}.
+    ``probe`` settings; otherwise measured again on the unit's copy of the run (a finished run in OUT
+    that has no unit is first copied there, :func:`~landscape.study.pipeline.publish_run`) and
+    ``sweep-row.json`` = {row, probe, files} written.
 
     None when there is neither a run nor a unit. A unit with a row but no run files (its run was not
     kept) is reused only with the same ``probe`` settings, and refused otherwise: nothing is left to
@@ -127,12 +127,15 @@ def measured_row(out: Path, units: Path, setting: Setting, seed: int, probe: dic
     local = run_path(out, setting, seed, task)
     unit = Path(units) / local.name
     saved = read_json(unit / UNIT_ROW) if (unit / UNIT_ROW).exists() else None
-    source = next((d for d in (local, unit) if (d / "metrics.json").exists()), None)
+    source = next((d for d in (unit, local) if (d / "metrics.json").exists()), None)
     if source is None:
         if saved is not None and saved["probe"] != probe:
             raise ExactStudyError(f"{unit / UNIT_ROW} holds λ₁ measured with {saved['probe']}, not {probe}, and its "
                                   f"run is not kept: pass those settings, or train {local} again")
         return None if saved is None else saved["row"]
+    if source == local:
+        publish_run(local, unit)
+        source = unit
     files = run_fingerprint(source)
     if saved is not None and saved["probe"] == probe and saved["files"] == files:
         return saved["row"]
@@ -142,8 +145,6 @@ def measured_row(out: Path, units: Path, setting: Setting, seed: int, probe: dic
            "val_accuracy": metrics["validation"]["accuracy"], "test_accuracy": metrics["accuracy"],
            "wall_time_s": metrics["wall_time_s"], "own_space": own_space(setting.method),
            "lambda_own": lam[own_space(setting.method)], **{f"lambda_{sp}": v for sp, v in lam.items()}}
-    if source == local:
-        publish_run(local, unit)
     atomic_write_json(unit / UNIT_ROW, {"row": row, "probe": probe, "files": files})
     return row
 
