@@ -222,3 +222,10 @@ def test_the_sweep_report_draws_one_point_per_run_and_links_it(swept, tmp_path):
     assert len(fig.axes[1].containers) == 2 * (table["setting"].nunique() - 1)  # both spaces of each setting
     assert len(sweep.fig_sweep(table[table["seed"] == 0], "digits-mlp").axes) == 1  # one seed: no ratio panel
     assert "![digits-mlp-sweep](../fig/digits-mlp-sweep.png)" in (tmp_path / "results" / "summary.md").read_text()
+
+
+def test_the_seeds_phrase_counts_settings_per_number_of_seeds():
+    """Titles state the real number of seeds (issue 14.8): settings grouped by how many seeds ran."""
+    table = pd.DataFrame({"setting": ["lora"] * 5 + ["a"] * 5 + ["b", "c"], "seed": [0, 1, 2, 3, 4] * 2 + [0, 0]})
+    assert sweep.seeds_phrase(table) == "2 settings × 5 seeds, 2 × 1 seed"
+    assert sweep.seeds_phrase(table[table["setting"] == "b"]) == "1 setting × 1 seed"

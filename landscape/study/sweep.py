@@ -277,6 +277,13 @@ def _noise_section(results: Path) -> list[str]:
             markdown_table(means, floatfmt=".3g")]
 
 
+def seeds_phrase(table: pd.DataFrame) -> str:
+    """How many settings ran at how many seeds, largest first: "4 settings × 5 seeds, 10 × 1 seed"."""
+    counts = table.groupby("setting")["seed"].nunique().value_counts().sort_index(ascending=False)
+    parts = [f"{settings} × {seeds} seed{'s' if seeds > 1 else ''}" for seeds, settings in counts.items()]
+    return ", ".join([parts[0].replace(" × ", f" setting{'s' if counts.iloc[0] > 1 else ''} × ", 1), *parts[1:]])
+
+
 def fig_sweep(table: pd.DataFrame, task: str):
     """Left: balanced-LoRA λ₁ against merged λ₁, one point per run of the sweep, coloured by method,
     on log axes (issue 14.6 for a MiniLM task); the first seed's points are labelled with their
@@ -294,8 +301,7 @@ def fig_sweep(table: pd.DataFrame, task: str):
             ax.annotate(r["setting"].removeprefix(method + "-"), (r[f"lambda_{BALANCED}"], r["lambda_merged"]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="λ₁, LoRA space (balanced gauge)", ylabel="λ₁, merged space",
-           title=f"{task}: the settings sweep, one point per run\n{len(table)} runs, "
-                 f"{table['seed'].nunique()} seed(s), {table['setting'].nunique()} settings")
+           title=f"{task}: the settings sweep, one point per run\n{len(table)} runs: {seeds_phrase(table)}")
     plain_log_axes(ax)
     ax.legend(fontsize=7)
     if len(effects):
@@ -334,7 +340,7 @@ def write_sweep_report(table: pd.DataFrame, results: Path, command: str, *, figu
     summary = summarize(table)
     chosen = choose(summary)
     atomic_write_text(results / "sweep.csv", table.to_csv(index=False))
-    lines = [f"# The settings sweep: {table['setting'].nunique()} settings × {table['seed'].nunique()} seed(s)", "",
+    lines = [f"# The settings sweep: {len(table)} runs, {seeds_phrase(table)}", "",
              f"Made by `{command}` from `sweep.csv`.", "",
              "## Per setting (accuracy: mean; λ₁: median over seeds; ratio: geometric mean over seeds of λ₁ over "
              "LoRA's in the same space with the same seed)", "", markdown_table(summary, floatfmt=".3g"), "",
