@@ -229,3 +229,13 @@ def test_the_seeds_phrase_counts_settings_per_number_of_seeds():
     table = pd.DataFrame({"setting": ["lora"] * 5 + ["a"] * 5 + ["b", "c"], "seed": [0, 1, 2, 3, 4] * 2 + [0, 0]})
     assert sweep.seeds_phrase(table) == "2 settings × 5 seeds, 2 × 1 seed"
     assert sweep.seeds_phrase(table[table["setting"] == "b"]) == "1 setting × 1 seed"
+
+
+def test_nearby_points_share_one_label_and_every_setting_is_named():
+    """The scatter's labels do not pile up: points within 0.08 decades share a label; none is lost."""
+    runs = pd.DataFrame({"setting": ["lora", "flat-lora-a", "flat-lora-b", "sam-lora-c"],
+                         "method": ["lora", "flat-lora", "flat-lora", "sam-lora"],
+                         "lambda_lora-balanced": [20.0, 21.0, 10.0, 5.0], "lambda_merged": [100.0, 98.0, 99.0, 50.0]})
+    groups = sweep.label_groups(runs)
+    assert groups == [((20.0, 100.0), ["lora", "flat-lora a"]), ((10.0, 99.0), ["flat-lora b"]),
+                      ((5.0, 50.0), ["sam-lora c"])]

@@ -28,6 +28,7 @@ so that "flat in the LoRA space" has instances that are flat there. With several
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -284,22 +285,40 @@ def seeds_phrase(table: pd.DataFrame) -> str:
     return ", ".join([parts[0].replace(" × ", f" setting{'s' if counts.iloc[0] > 1 else ''} × ", 1), *parts[1:]])
 
 
+def label_groups(runs: pd.DataFrame, within: float = 0.08) -> list[tuple[tuple[float, float], list[str]]]:
+    """The scatter's labels without overlap: runs whose points lie within ``within`` decades of a
+    group's first point on both log axes share one label at that point, their settings one per line
+    (the method's prefix dropped for all but LoRA). Points are taken from the top right down."""
+    groups: list[tuple[tuple[float, float], list[str]]] = []
+    for _, r in runs.sort_values(["lambda_merged", f"lambda_{BALANCED}"], ascending=False).iterrows():
+        x, y = r[f"lambda_{BALANCED}"], r["lambda_merged"]
+        name = r["setting"] if r["setting"] == r["method"] else f"{r['method']} {r['setting'].removeprefix(r['method'] + '-')}"
+        near = [g for g in groups if max(abs(np.log10(x / g[0][0])), abs(np.log10(y / g[0][1]))) <= within]
+        if near:
+            near[0][1].append(name)
+        else:
+            groups.append(((x, y), [name]))
+    return groups
+
+
 def fig_sweep(table: pd.DataFrame, task: str):
     """Left: balanced-LoRA λ₁ against merged λ₁, one point per run of the sweep, coloured by method,
     on log axes (issue 14.6 for a MiniLM task); the first seed's points are labelled with their
-    setting. Right, once some setting has two seeds or more (:func:`paired_effects`): per setting,
+    setting by a number keyed in the corner, nearby points under one number (:func:`label_groups`). Right, once some setting has two seeds or more (:func:`paired_effects`): per setting,
     λ₁ ÷ LoRA's with the same seed in the balanced LoRA space (circles) and the merged space
     (squares), geometric means with their 95 % intervals — a setting whose circle sits below its
     square is flatter, against LoRA, in the LoRA space than in the full one."""
     effects = paired_effects(table)
     fig, axes = new_figure(5.2, 4.4, panels=2 if len(effects) else 1)
     ax = axes[0]
-    first = table["seed"].min()
     for method, g in table.groupby("method", sort=False):
         ax.scatter(g[f"lambda_{BALANCED}"], g["lambda_merged"], s=24, color=method_color(method), label=method)
-        for _, r in g[g["seed"] == first].iterrows():
-            ax.annotate(r["setting"].removeprefix(method + "-"), (r[f"lambda_{BALANCED}"], r["lambda_merged"]),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    groups = label_groups(table[table["seed"] == table["seed"].min()])
+    for i, ((x, y), _) in enumerate(groups, 1):
+        ax.annotate(str(i), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    key = [textwrap.fill(f"{i}: {', '.join(names)}", 58, subsequent_indent="    ") for i, (_, names) in enumerate(groups, 1)]
+    ax.text(0.98, 0.02, f"seed {table['seed'].min()}:\n" + "\n".join(key), transform=ax.transAxes, ha="right",
+            va="bottom", multialignment="left", fontsize=5.5)
     ax.set(xlabel="λ₁, LoRA space (balanced gauge)", ylabel="λ₁, merged space",
            title=f"{task}: the settings sweep, one point per run\n{len(table)} runs: {seeds_phrase(table)}")
     plain_log_axes(ax)
