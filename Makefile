@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(PY) analysis_scripts/demo.py
 
+# --durations: the 20 slowest steps in every CI log, for keeping the suite near its 4-minute aim
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # every test but those marked slow (the MiniLM trainings that prove accuracy): the loop between edits
 test-fast: setup
