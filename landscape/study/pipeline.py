@@ -92,10 +92,7 @@ def relative_base_model(adapter: Path, final: Path) -> None:
     ``adapter_config.json`` and the card ``README.md`` as a path relative to ``final`` (where the
     adapter folder will live), so that committed results hold no machine's paths. :func:`flatlora.load_run`
     rebuilds the base model from the task and does not read it."""
-    import json
-
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
+    base = read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
     if not base or not os.path.isabs(base):
         return
     rel = Path(os.path.relpath(base, Path(final).resolve())).as_posix()

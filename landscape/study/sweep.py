@@ -281,14 +281,15 @@ def _noise_section(results: Path) -> list[str]:
 def seeds_phrase(table: pd.DataFrame) -> str:
     """How many settings ran at how many seeds, largest first: "4 settings × 5 seeds, 10 × 1 seed"."""
     counts = table.groupby("setting")["seed"].nunique().value_counts().sort_index(ascending=False)
-    parts = [f"{settings} × {seeds} seed{'s' if seeds > 1 else ''}" for seeds, settings in counts.items()]
-    return ", ".join([parts[0].replace(" × ", f" setting{'s' if counts.iloc[0] > 1 else ''} × ", 1), *parts[1:]])
+    plural = lambda n, word: f"{word}s" if n > 1 else word  # noqa: E731
+    return ", ".join(f"{n}{' ' + plural(n, 'setting') if i == 0 else ''} × {seeds} {plural(seeds, 'seed')}"
+                     for i, (seeds, n) in enumerate(counts.items()))
 
 
 def label_groups(runs: pd.DataFrame, within: float = 0.08) -> list[tuple[tuple[float, float], list[str]]]:
     """The scatter's labels without overlap: runs whose points lie within ``within`` decades of a
-    group's first point on both log axes share one label at that point, their settings one per line
-    (the method's prefix dropped for all but LoRA). Points are taken from the top right down."""
+    group's first point on both log axes share one label at that point; each setting is named
+    "METHOD REST" (plain "lora" for LoRA). Points are taken from the highest merged λ₁ down."""
     groups: list[tuple[tuple[float, float], list[str]]] = []
     for _, r in runs.sort_values(["lambda_merged", f"lambda_{BALANCED}"], ascending=False).iterrows():
         x, y = r[f"lambda_{BALANCED}"], r["lambda_merged"]
@@ -303,8 +304,9 @@ def label_groups(runs: pd.DataFrame, within: float = 0.08) -> list[tuple[tuple[f
 
 def fig_sweep(table: pd.DataFrame, task: str):
     """Left: balanced-LoRA λ₁ against merged λ₁, one point per run of the sweep, coloured by method,
-    on log axes (issue 14.6 for a MiniLM task); the first seed's points are labelled with their
-    setting by a number keyed in the corner, nearby points under one number (:func:`label_groups`). Right, once some setting has two seeds or more (:func:`paired_effects`): per setting,
+    on log axes (issue 14.6 for a MiniLM task); the first seed's points are labelled by a number
+    keyed in the corner, nearby points under one number (:func:`label_groups`). Right, once some
+    setting has two seeds or more (:func:`paired_effects`): per setting,
     λ₁ ÷ LoRA's with the same seed in the balanced LoRA space (circles) and the merged space
     (squares), geometric means with their 95 % intervals — a setting whose circle sits below its
     square is flatter, against LoRA, in the LoRA space than in the full one."""
