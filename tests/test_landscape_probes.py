@@ -141,6 +141,23 @@ def test_expected_loss_filter_noise_and_common_random_numbers(quad):
     pd.testing.assert_frame_equal(frame, looped, rtol=1e-5)  # same draws, same stopping point
 
 
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_expected_loss_samples_are_the_exact_quadratic(quad, antithetic):
+    # sample k of draw z_k = gaussian(seed k): antithetic ½[ΔL(σz) + ΔL(−σz)] = ½σ²zᵀHz exactly (the
+    # first-order term ⟨g, σz⟩ cancels); a single draw is ⟨g, σz⟩ + ½σ²zᵀHz
+    from flatlora import noise_seed
+
+    sp, sigma, n = space(quad.model, "merged"), 0.1, 12
+    z = [D.gaussian(sp, torch.Generator().manual_seed(noise_seed(4, k, 0)))[quad.view_name] for k in range(n)]
+    exact = np.array([0.5 * quad.hess(sigma * d) + (0 if antithetic else quad.increase(sigma * d) - 0.5 * quad.hess(sigma * d))
+                      for d in z])
+    row = expected_loss(quad.model, quad.loss, space=sp, sigmas=[sigma], noise="isotropic", seed=4, max_samples=n,
+                        min_samples=n, antithetic=antithetic, progress=False).iloc[0]
+    assert row.samples == n and bool(row.antithetic) == antithetic
+    assert row.delta_loss == pytest.approx(exact.mean(), rel=1e-3, abs=1e-6)
+    assert row["std"] == pytest.approx(exact.std(ddof=1), rel=1e-3, abs=1e-6)
+
+
 def test_worst_case_one_step_is_first_order_formula(quad):
     for kind in ("merged", "tangent"):
         sp = space(quad.model, kind)

@@ -7,8 +7,10 @@ runs whose exact spectra :mod:`landscape.study.exact` knows (issue 14, items 4, 
 * Probes (:func:`probe_strongest`): every seed of those settings through the suite
   (:func:`landscape.study.suite.probe_model`) on the training loss — the same 596 examples, one batch,
   as the exact spectra — in the balanced LoRA, merged, tangent and normal spaces: λ₁ by Lanczos,
-  ΔL(σ) under Flat-LoRA's filter noise with :data:`NOISE_SAMPLES` draws per σ (its Monte-Carlo
-  interval beside it), worst-case sharpness beside its first-order term ρ‖∇L‖, and loss lines along
+  ΔL(σ) under Flat-LoRA's filter noise with :data:`NOISE_SAMPLES` single draws per σ (its Monte-Carlo
+  interval beside it; near these minima the first-order term that antithetic pairs would cancel is
+  small, and single draws are what the committed parts were made with), worst-case sharpness beside
+  its first-order term ρ‖∇L‖, and loss lines along
   :data:`DIRECTIONS` filter-normalized directions → RESULTS/probes.csv (the line curves, some MBs, in
   OUT/digits-mlp/probes-curves.csv beside the runs);
 * Planes: :data:`PLANE_GRID` × :data:`PLANE_GRID` merged-space loss planes of seed 0 for LoRA,
@@ -51,7 +53,8 @@ NOISE_SAMPLES = 64
 DIRECTIONS = 8
 PLANE_GRID = 21
 PROBE_SETTINGS = ProbeSettings(eig_tol=1e-4, sigmas=(0.02, 0.05, 0.1), noise_max_samples=NOISE_SAMPLES,
-                               noise_min_samples=NOISE_SAMPLES, rhos=(0.05,), worst_case_steps=5,
+                               noise_min_samples=NOISE_SAMPLES, noise_antithetic=False,
+                               rhos=(0.05,), worst_case_steps=5,
                                num_directions=DIRECTIONS, alphas=21)
 
 

@@ -6,7 +6,8 @@ paired), in each space:
 * ``eigenvalue``   — the top Hessian eigenvalue(s) λ₁ … λ_k (Lanczos);
 * ``trace``        — Tr H by XTrace with its standard error (skipped when ``trace_samples = 0``);
 * ``expected_loss`` — ΔL(σ) = E_ε L(θ + ε) − L(θ) under Flat-LoRA's filter noise, per σ, with a
-  t-interval (the same noise draws for every run: common random numbers);
+  t-interval (the same noise draws for every run: common random numbers), each draw evaluated as an
+  antithetic pair ±ε so that the first-order term cancels (:mod:`landscape.noise`; issue 14.4);
 * ``worst_case``   — max over ‖δ‖ ≤ ρ of L(θ + δ) − L(θ) by k ascent steps, per ρ, and beside it
   ``worst_case_first_order`` = ρ‖∇L‖, its first-order term: where the two are close, the worst
   case measures the slope of a point that is not a minimum, not its curvature (issue 14.4);
@@ -25,6 +26,7 @@ space is the set of weights LoRA adapts in the other runs (same names, same shap
 """
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -72,6 +74,7 @@ class ProbeSettings:
     sigmas: Sequence[float] = (0.02, 0.05, 0.1)
     noise_max_samples: int = 16
     noise_min_samples: int = 8
+    noise_antithetic: bool = True
     rhos: Sequence[float] = (0.05,)
     worst_case_steps: int = 3
     num_directions: int = 3
@@ -122,6 +125,9 @@ class ProbeSettings:
         parser.add_argument("--trace-samples", type=int, default=0, help="XTrace products per space (0: skip)")
         parser.add_argument("--sigmas", nargs="+", type=float, default=d["sigmas"], help="noise scales σ of ΔL(σ)")
         parser.add_argument("--noise-samples", type=int, default=d["noise_samples"], help="noise draws per σ (at most)")
+        parser.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
+                            help="evaluate each noise draw as the pair ±ε, cancelling the first-order term "
+                                 "(--no-antithetic: single draws)")
         parser.add_argument("--rhos", nargs="+", type=float, default=[0.05], help="worst-case radii ρ")
         parser.add_argument("--directions", type=int, default=d["directions"], help="random directions per line")
         parser.add_argument("--alphas", type=int, default=d["alphas"], help="points per line")
@@ -132,7 +138,8 @@ class ProbeSettings:
         """The settings given by :meth:`add_arguments`' options."""
         return cls(spaces=tuple(a.spaces), eig_k=a.eig_k, eig_tol=a.eig_tol, trace_samples=a.trace_samples,
                    sigmas=tuple(a.sigmas), noise_max_samples=a.noise_samples,
-                   noise_min_samples=min(8, a.noise_samples), rhos=tuple(a.rhos), num_directions=a.directions,
+                   noise_min_samples=min(8, a.noise_samples), noise_antithetic=a.antithetic,
+                   rhos=tuple(a.rhos), num_directions=a.directions,
                    alphas=a.alphas, seed=a.seed)
 
 
@@ -188,7 +195,8 @@ def probe_model(model: nn.Module, loss: Loss, settings: ProbeSettings = ProbeSet
                          "seconds": tr.seconds, "num_hvp": tr.num_hvp})
         t1 = time.perf_counter()
         noise = expected_loss(probed, loss, space=sp, sigmas=list(s.sigmas), noise="filter", seed=s.seed,
-                              max_samples=s.noise_max_samples, min_samples=s.noise_min_samples, progress=progress)
+                              max_samples=s.noise_max_samples, min_samples=s.noise_min_samples,
+                              antithetic=s.noise_antithetic, progress=progress)
         rows += _rows(noise, name, "expected_loss", "sigma", "delta_loss", "half_width",
                       {"seconds": time.perf_counter() - t1})
         t1 = time.perf_counter()
