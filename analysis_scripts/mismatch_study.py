@@ -21,9 +21,21 @@ Stages (each resumable — finished runs and probe results are reused):
 2. ``probe``  — ``analysis_scripts/probe.py``'s suite on every run → RESULTS/TASK/probes.csv (one part
    per run in RESULTS/TASK/probe-parts/, keyed by the run's name and the content hashes of its files);
 3. ``robust`` — accuracy under seeded text corruptions → RESULTS/TASK/robustness.csv;
-4. ``report`` — figures into --figures and a markdown report RESULTS/report.md (accuracy and weighted F1
-   mean ± std, Welch and paired t-tests of Flat-LoRA vs LoRA, sharpness per space and method, error
-   analysis).
+4. ``report`` — figures into --figures and a markdown report RESULTS/report.md, per task, from the
+   finished runs (partial data is fine: with one seed the intervals and p-values are "—"):
+   - each run's steps, test and validation accuracy and training wall time;
+   - mean ± std over seeds of accuracy, weighted F1, sharpness per space and method, the worst case
+     beside its first-order term ρ‖∇L‖, ΔL with its Monte-Carlo interval (marked where it holds 0),
+     and the accuracy drop under each corruption;
+   - every method against LoRA paired by seed (a seed pairs data order and initialisation):
+     accuracy, F1, ΔL and drops as differences, λ₁ and the worst case as geometric-mean ratios, each
+     with a Student-t 95 % interval and the paired t-test, Holm-adjusted over the whole table (one
+     family per task);
+   - Spearman's ρ of λ₁ against test accuracy within each method with ≥ 5 seeds (never pooled over
+     methods; Holm over method × space);
+   - balanced-LoRA against merged λ₁, and tangent against normal, across the LoRA-family runs:
+     Spearman's ρ with a BCa bootstrap interval and the runs flat in one space and sharp in the other;
+   - the error analysis of LoRA against Flat-LoRA, seed by seed.
 
 Commit RESULTS as it grows (each unit and part is small): a new machine then goes on where the last
 stopped — nothing committed is trained or probed again. Full fine-tuning's weights are not committed

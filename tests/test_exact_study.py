@@ -169,21 +169,6 @@ def test_report_draws_the_figures(tiny_study):
                                                                   "sharpness-vs-accuracy", "robustness"))}
 
 
-def test_spearman_interval_is_seeded_and_holds_rho():
-    x = np.arange(30.0)
-    y = x + np.random.default_rng(1).normal(0, 8, 30)
-    a, b = (exact.spearman_interval(x, y, seed=3, n_resamples=999) for _ in range(2))
-    assert a == b and a["low"] < a["rho"] < a["high"]
-
-
-def test_mismatched_runs_are_flat_in_one_space_and_sharp_in_the_other():
-    lam = {"a": (1, 8), "b": (2, 1), "c": (3, 2), "d": (8, 3), "e": (5, 4), "f": (6, 5), "g": (7, 6), "h": (4, 7)}
-    frame = pd.DataFrame([{"run": r, "method": "lora", "setting": "lora", "seed": i, "space": sp, "lambda_max": v}
-                          for i, (r, vs) in enumerate(lam.items()) for sp, v in zip(("lora-balanced", "merged"), vs)])
-    assert exact.mismatched_runs(frame) == {"flat in lora-balanced, sharp in merged": ["a", "h"],
-                                            "flat in merged, sharp in lora-balanced": ["d"]}
-
-
 def test_own_space_effects_pair_seeds_on_the_log_scale_with_holm_over_every_cell():
     """Two settings against LoRA on 6 seeds: one halves λ₁ (with seeded noise), one leaves it; the
     ratio, interval and p are the t-test of the log ratios computed here with scipy, and p_holm is

@@ -36,7 +36,7 @@ def test_miniature_study_end_to_end(tmp_path, shared_digits_pretraining):
     for name in ("lines", "expected-loss", "eigenvalues", "sharpness-vs-accuracy", "planes"):
         assert (tmp_path / "fig" / f"digits-mlp-{name}.png").stat().st_size > 1000, name
     report = (tmp_path / "results" / "report.md").read_text()
-    assert "Welch" in report and "flat-lora" in report and "digits-mlp-lines.png" in report
+    assert "Against LoRA, paired by seed" in report and "flat-lora" in report and "digits-mlp-lines.png" in report
     # a second call reuses every finished piece (no retraining): it is resumable
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("metrics.json")}
     assert mismatch_study["main"](args[:-1] + ["--stage", "train", "--no-progress"]) == 0

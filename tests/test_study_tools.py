@@ -1,4 +1,5 @@
-"""Text corruptions (seeded, paired across models), the paired error analysis, and Holm's adjustment."""
+"""Text corruptions (seeded, paired across models), the paired error analysis, and the report's statistics
+(Holm's adjustment, paired differences, Spearman within groups and across runs)."""
 import pytest
 
 from landscape.study.corruption import CORRUPTIONS, LEVELS, corrupt, corrupt_all
@@ -99,6 +100,31 @@ def test_within_group_spearman_never_pools_groups():
     for s, g in frame.groupby("setting"):
         assert out.loc[s, "rho"] == pytest.approx(stats.spearmanr(g["lambda_max"], g["accuracy"]).statistic, abs=1e-12)
     assert out["n"].tolist() == [6, 6, 6]
+
+
+def test_spearman_interval_is_seeded_and_holds_rho():
+    import numpy as np
+
+    from landscape.study.report import spearman_interval
+
+    x = np.arange(30.0)
+    y = x + np.random.default_rng(1).normal(0, 8, 30)
+    a, b = (spearman_interval(x, y, seed=3, n_resamples=999) for _ in range(2))
+    assert a == b and a["low"] < a["rho"] < a["high"]
+
+
+def test_mismatched_runs_are_flat_in_one_space_and_sharp_in_the_other():
+    """Among the runs with both spaces: a full fine-tuning run (merged only) is not ranked."""
+    import pandas as pd
+
+    from landscape.study.report import mismatched_runs
+
+    lam = {"a": (1, 8), "b": (2, 1), "c": (3, 2), "d": (8, 3), "e": (5, 4), "f": (6, 5), "g": (7, 6), "h": (4, 7)}
+    frame = pd.DataFrame([{"run": r, "space": sp, "lambda_max": v}
+                          for r, vs in lam.items() for sp, v in zip(("lora-balanced", "merged"), vs)]
+                         + [{"run": "full", "space": "merged", "lambda_max": 100.0}])
+    assert mismatched_runs(frame) == {"flat in lora-balanced, sharp in merged": ["a", "h"],
+                                      "flat in merged, sharp in lora-balanced": ["d"]}
 
 
 def test_the_index_holds_every_part_in_order_with_links_rebased(tmp_path):

@@ -28,7 +28,7 @@ with the cosine and the constant schedule; SAM on the LoRA factors (Foret et al.
 seed, :data:`STEPS` steps (the task's default of 150 leaves LoRA's train loss at 0.73; at 1,200 it is
 about 0.02, flat over the last third of training).
 
-The answer (:func:`correlations`, :func:`mismatched_runs`, :func:`own_space_effects`): Spearman's ρ
+The answer (:func:`correlations`, :func:`~landscape.study.report.mismatched_runs`, :func:`own_space_effects`): Spearman's ρ
 between balanced-LoRA λ₁ and merged λ₁ across runs, with a seeded BCa bootstrap 95 % interval
 (Efron, 1987; ``scipy.stats.bootstrap``) — if flatness in the LoRA space implied flatness in the full
 space, the runs would fall on a monotone curve (ρ = 1); the runs flat in one space and sharp in the
@@ -58,7 +58,6 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -74,11 +73,12 @@ from ..results import PartFiles
 from ..space import space
 from .figures import method_color, plain_log_axes, seeds_label
 from .pipeline import differing_settings, run_fingerprint
-from .report import holm, markdown_table, paired_differences, paired_log_ratio, within_group_spearman
+from .report import (MIN_RUNS, holm, markdown_table, mismatched_runs, paired_differences, paired_log_ratio,
+                     spearman_interval, within_group_spearman)
 
 __all__ = ["ExactStudyError", "Setting", "SETTINGS", "SPACES", "STAGES", "STEPS", "TASK", "select_settings",
-           "train_runs", "exact_spectra", "spectra_parts", "spectra_table", "spearman_interval", "correlations",
-           "mismatched_runs", "own_space_effects", "findings", "accuracy_statistics", "accuracy_findings", "fig_lora_vs_merged", "write_report", "run_exact_study"]
+           "train_runs", "exact_spectra", "spectra_parts", "spectra_table", "correlations",
+           "own_space_effects", "findings", "accuracy_statistics", "accuracy_findings", "fig_lora_vs_merged", "write_report", "run_exact_study"]
 
 TASK = "digits-mlp"
 STEPS = 1200
@@ -276,28 +276,6 @@ def spectra_table(found: Sequence[tuple[Setting, int, Path, dict[str, pd.DataFra
 
 
 # -------------------------------------------------------------------------------------- statistics
-def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Spearman's ρ along ``axis``: Pearson's r of the ranks (ties averaged), vectorized for the bootstrap."""
-    rx, ry = stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis)
-    rx, ry = rx - rx.mean(axis=axis, keepdims=True), ry - ry.mean(axis=axis, keepdims=True)
-    with np.errstate(invalid="ignore"):  # a resample of one repeated pair has no ranking: NaN
-        return (rx * ry).sum(axis=axis) / np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
-
-
-def spearman_interval(x: Sequence[float], y: Sequence[float], *, seed: int = 0, n_resamples: int = 9999,
-                      level: float = 0.95) -> dict:
-    """Spearman's ρ of paired samples, its two-sided p-value (``scipy.stats.spearmanr``) and a BCa
-    bootstrap interval (pairs resampled together, ``numpy.random.default_rng(seed)``)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    test = stats.spearmanr(x, y)
-    ci = stats.bootstrap((x, y), _spearman, paired=True, vectorized=True, n_resamples=n_resamples,
-                         confidence_level=level, method="BCa", rng=np.random.default_rng(seed)).confidence_interval
-    return {"n": len(x), "rho": float(test.statistic), "p": float(test.pvalue), "low": float(ci.low),
-            "high": float(ci.high)}
-
-
-#: fewer runs than this in a scope: no correlation (the bootstrap's resamples would often be all ties)
-MIN_RUNS = 5
 PAIRS = (("lora-balanced", "merged"), ("lora-as-trained", "merged"), ("lora-balanced", "normal"), ("tangent", "normal"))
 
 
@@ -312,22 +290,12 @@ def _wide(frame: pd.DataFrame, value: str = "lambda_max") -> pd.DataFrame:
 def correlations(frame: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
     """Spearman's ρ of λ₁ between the spaces of :data:`PAIRS` across the LoRA runs — pooled over every
     method and setting, and within each method with at least :data:`MIN_RUNS` runs — with bootstrap
-    intervals (:func:`spearman_interval`)."""
+    intervals (:func:`~landscape.study.report.spearman_interval`)."""
     wide = _wide(frame)
     scopes = [("all", wide)] + [(m, g) for m, g in wide.groupby("method", sort=False)]
     rows = [{"x": a, "y": b, "scope": name, **spearman_interval(g[a], g[b], seed=seed)}
             for a, b in PAIRS for name, g in scopes if len(g) >= MIN_RUNS]
     return pd.DataFrame(rows)
-
-
-def mismatched_runs(frame: pd.DataFrame, x: str = "lora-balanced", y: str = "merged") -> dict[str, list[str]]:
-    """Runs flat in one space and sharp in the other, among the LoRA runs: λ₁ below the median in one
-    space and in the top quartile (≥ the 75th percentile) in the other."""
-    wide = _wide(frame)
-    flat = {s: wide[s] < wide[s].median() for s in (x, y)}
-    sharp = {s: wide[s] >= wide[s].quantile(0.75) for s in (x, y)}
-    return {f"flat in {x}, sharp in {y}": sorted(wide.index[flat[x] & sharp[y]]),
-            f"flat in {y}, sharp in {x}": sorted(wide.index[flat[y] & sharp[x]])}
 
 
 def own_space_effects(frame: pd.DataFrame) -> pd.DataFrame:

@@ -27,6 +27,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, LogLoca
 from scipy import stats
 
 from ..plot import new_figure, plot_lines
+from .report import top_eigenvalues
 
 __all__ = ["method_color", "plain_log_axes", "seeds_label", "fig_lines", "fig_planes", "fig_expected_loss", "fig_eigenvalues",
            "fig_sharpness_vs_accuracy", "fig_robustness"]
@@ -67,11 +68,6 @@ def _title(*parts: str) -> str:
 def _offsets(n: int, width: float) -> np.ndarray:
     """``n`` offsets, ``width`` apart, centred on 0: one per method, so their points do not overlap."""
     return (np.arange(n) - (n - 1) / 2) * width
-
-
-def _top_eigenvalues(probes: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the top Hessian eigenvalue λ₁ (measure "eigenvalue", x = 1)."""
-    return probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1)]
 
 
 def plain_log_axes(ax) -> None:
@@ -232,7 +228,7 @@ def _category_points(ax, frame: pd.DataFrame, category: str, categories: Sequenc
 def fig_eigenvalues(probes: pd.DataFrame, *, task: str = "") -> Figure:
     """Top Hessian eigenvalue λ₁ per space (x) and method: the geometric mean over seeds, with bars
     from ÷ to × the geometric std, on a log axis (a λ₁ ≤ 0, which it cannot show, is left out)."""
-    sel = _top_eigenvalues(probes)
+    sel = top_eigenvalues(probes)
     sel = sel[sel["value"] > 0]
     spaces = _present(sel["space"], SPACE_ORDER)
     fig, ax = new_figure(1.6 + 1.3 * len(spaces), 3.4)
@@ -257,7 +253,7 @@ def fig_sharpness_vs_accuracy(probes: pd.DataFrame, metrics: pd.DataFrame, *, ta
     """λ₁ against test accuracy, one panel per space, one point per run coloured by method, with
     Spearman's ρ within each method (in the legend) — never pooled over methods, which differ in
     both. ``metrics`` has task, method, seed, accuracy."""
-    sel = _top_eigenvalues(probes)
+    sel = top_eigenvalues(probes)
     joined = sel.merge(metrics[["task", "method", "seed", "accuracy"]], on=["task", "method", "seed"])
     spaces = _present(sel["space"], SPACE_ORDER)
     fig, axes = new_figure(3.8, 3.4, panels=len(spaces), sharey=True)

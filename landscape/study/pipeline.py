@@ -39,7 +39,9 @@ from ..results import PartFiles, file_digest
 from .error_analysis import compare_predictions
 from .figures import (PLANE_METHODS, fig_eigenvalues, fig_expected_loss, fig_lines, fig_planes, fig_robustness,
                       fig_sharpness_vs_accuracy)
-from .report import accuracy_section, collect_metrics, markdown_table, robustness_section, sharpness_section
+from .report import (accuracy_section, against_lora_section, claim_section, collect_metrics, expected_loss_section,
+                     markdown_table, robustness_section, runs_section, sharpness_section, within_method_section,
+                     worst_case_section)
 from .robustness import corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
@@ -470,8 +472,20 @@ def error_section(out: Path, results: Path, task: str, seeds) -> str:
     return "\n".join(lines)
 
 
+def _read_runs_table(path: Path, metrics: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """The rows of the CSV ``path`` (probes, robustness) for the runs in ``metrics``; None without one."""
+    return pd.read_csv(path).merge(metrics[["method", "seed"]], on=["method", "seed"]) if path.exists() else None
+
+
 def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, command: str) -> Path:
-    """Metrics tables, figures and ``results/report.md`` from what the earlier stages wrote."""
+    """Figures and RESULTS/report.md from what the earlier stages wrote, per task, for the runs of
+    ``methods`` × ``seeds`` that are finished: every run (steps, accuracies, wall time); mean ± std
+    over seeds of accuracy, sharpness per space (the headline measures, the worst case beside its
+    first-order term, ΔL with its Monte-Carlo interval) and robustness; every method against LoRA
+    paired by seed, Holm-adjusted over that whole table (one family per task,
+    :func:`~landscape.study.report.against_lora`); λ₁ against accuracy within each method; λ₁ in one
+    space against another across runs; the error analysis; the figures. With one seed the intervals
+    and tests are "—"."""
     sections = ["# Flatness-mismatch study", "", f"Made by `{command}`.", ""]
     for task in tasks:
         runs = finished_runs(out, results, task, methods, seeds)
@@ -481,13 +495,23 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
         metrics = collect_metrics(runs)
         atomic_write_text(res / "metrics.csv", metrics.drop(columns="run").to_csv(index=False))
         made = task_figures(res, figures)
-        sections += [f"## {task}", "", "### Accuracy", "", accuracy_section(metrics), ""]
-        if (res / "probes.csv").exists():
-            sections += ["### Sharpness per space (mean ± std over seeds)", "",
-                         sharpness_section(pd.read_csv(res / "probes.csv")), ""]
-        if (res / "robustness.csv").exists():
-            sections += ["### Robustness to messy input", "", robustness_section(pd.read_csv(res / "robustness.csv")), ""]
-        sections += ["### Error analysis: LoRA vs Flat-LoRA", "", error_section(out, results, task, seeds), ""]
+        probes = _read_runs_table(res / "probes.csv", metrics)
+        robust = _read_runs_table(res / "robustness.csv", metrics)
+        sections += [f"## {task}", "", "### Runs", "", runs_section(metrics), "",
+                     "### Accuracy (mean ± std over seeds)", "", accuracy_section(metrics), ""]
+        if probes is not None:
+            sections += ["### Sharpness per space (mean ± std over seeds)", "", sharpness_section(probes), "",
+                         "### Worst case and its first-order term", "", worst_case_section(probes), "",
+                         "### Expected loss under Gaussian weight noise", "", expected_loss_section(probes), ""]
+        if robust is not None:
+            sections += ["### Robustness to messy input", "", robustness_section(robust), ""]
+        sections += ["### Against LoRA, paired by seed", "", against_lora_section(metrics, probes, robust), ""]
+        if probes is not None:
+            sections += ["### λ₁ against test accuracy, within each method", "", within_method_section(metrics, probes),
+                         "", "### One space against another, across runs", "", claim_section(probes), ""]
+        sections += ["### Error analysis: LoRA vs Flat-LoRA", "",
+                     "Per seed, on the same test examples; McNemar's p of each seed is descriptive, not among the "
+                     "tests above.", "", error_section(out, results, task, seeds), ""]
         pngs = [f"![{p.stem}]({_relative(p, results)})" for p in made if p.suffix == ".png"]
         sections += (["### Figures", ""] + pngs + [""]) if pngs else []
     path = results / "report.md"

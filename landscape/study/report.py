@@ -1,17 +1,26 @@
 """Tables and tests of the flatness-mismatch study, and its markdown report.
 
+Descriptive tables (mean ± std over seeds):
+
 * :func:`collect_metrics` — one row per finished run (task, method, seed, accuracy, weighted F1 …);
 * :func:`mean_std` — mean ± std over seeds per (task, method[, …]);
-* :func:`compare` — method a against method b on one metric: Welch's t-test (unequal variances,
-  Welch 1947) over seeds, and the paired t-test over the seeds both have (runs with the same seed
-  share the data order and the head's initialisation, so they pair);
-* :func:`sharpness_summary` — each sharpness measure per task × space × method over seeds;
+* :func:`sharpness_summary` — each sharpness measure per task × space × method over seeds.
+
+Tests (runs with the same seed share the data order and the head's initialisation, so they pair):
+
 * :func:`paired_log_ratio` — x against a baseline paired by seed on the log scale (geometric-mean
   ratio, its t interval and the paired t-test), and :func:`holm` — Holm's step-down adjustment of
   the p-values of every comparison a report makes (Holm 1979);
 * :func:`paired_differences` — each setting against a baseline on one metric, paired by seed, Holm-adjusted;
+* :func:`paired_effects_table` — the same on several metrics at once, each a difference or (on the
+  log scale) a ratio;
 * :func:`within_group_spearman` — Spearman's ρ within each method or setting (not pooled), Holm-adjusted;
-* :func:`write_index` — results/study/report.md: every committed part's report, in one file.
+* :func:`spearman_interval` — Spearman's ρ across runs with a BCa bootstrap interval, and
+  :func:`mismatched_runs` — the runs flat in one space and sharp in the other.
+
+The long runs' report (:func:`landscape.study.pipeline.report`) is made of the ``*_section``
+functions here, one markdown block each; :func:`against_lora` is its one family of tests per task.
+:func:`write_index` — results/study/report.md: every committed part's report, in one file.
 """
 from __future__ import annotations
 
@@ -19,14 +28,18 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Collection, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["collect_metrics", "mean_std", "compare", "paired_log_ratio", "paired_differences", "within_group_spearman", "holm", "sharpness_summary", "format_mean_std", "markdown_table",
-           "accuracy_section", "sharpness_section", "robustness_section", "write_index", "HEADLINE_MEASURES"]
+__all__ = ["collect_metrics", "mean_std", "paired_log_ratio", "paired_differences", "paired_effects_table",
+           "within_group_spearman", "holm", "spearman_interval", "spearman_phrase", "runs_in_both", "mismatched_runs",
+           "sharpness_summary", "top_eigenvalues", "format_mean_std", "format_interval", "effects_display",
+           "markdown_table", "runs_section", "accuracy_section", "sharpness_section", "worst_case_section",
+           "expected_loss_section", "robustness_section", "against_lora", "against_lora_section", "within_method",
+           "within_method_section", "claim_section", "write_index", "HEADLINE_MEASURES", "MIN_RUNS", "CLAIM_PAIRS"]
 
 #: (measure, x) pairs the report tabulates: top eigenvalue, ΔL at σ = 0.05, worst case at ρ = 0.05, line at α = 1
 HEADLINE_MEASURES = (("eigenvalue", 1.0), ("expected_loss", 0.05), ("worst_case", 0.05), ("line", 1.0), ("trace", np.nan))
@@ -56,19 +69,9 @@ def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def compare(frame: pd.DataFrame, value: str, a: str, b: str, *, by: str = "method") -> dict:
-    """Method ``a`` vs ``b`` on ``value``: difference of means, Welch's t-test and, over shared seeds,
-    the paired t-test. NaN p-values where there are too few runs."""
-    xa = frame.loc[frame[by] == a].set_index("seed")[value]
-    xb = frame.loc[frame[by] == b].set_index("seed")[value]
-    out = {"a": a, "b": b, "value": value, "n_a": len(xa), "n_b": len(xb),
-           "mean_a": float(xa.mean()) if len(xa) else np.nan, "mean_b": float(xb.mean()) if len(xb) else np.nan}
-    out["diff"] = out["mean_a"] - out["mean_b"]
-    out["welch_p"] = float(stats.ttest_ind(xa, xb, equal_var=False).pvalue) if min(len(xa), len(xb)) >= 2 else np.nan
-    shared = xa.index.intersection(xb.index)
-    out["n_paired"] = len(shared)
-    out["paired_p"] = float(stats.ttest_rel(xa[shared], xb[shared]).pvalue) if len(shared) >= 2 else np.nan
-    return out
+def format_interval(low: float, high: float, fmt: str = ".3g") -> str:
+    """"[low, high]", or "[—]" where the interval is NaN (one pair or one seed: no interval)."""
+    return "[—]" if np.isnan(low) or np.isnan(high) else f"[{low:{fmt}}, {high:{fmt}}]"
 
 
 def _paired_t(d: np.ndarray, confidence: float) -> dict:
@@ -113,19 +116,53 @@ def paired_differences(frame: pd.DataFrame, value: str, *, by: str = "setting", 
     return out.rename(columns={"mean": "difference"}).assign(p_holm=holm(out["p"]))
 
 
+def paired_effects_table(frame: pd.DataFrame, effects: Mapping[str, str], *, log: Collection[str] = (),
+                         by: str = "setting", base: str = "lora", confidence: float = 0.95) -> pd.DataFrame:
+    """Each group of ``by`` against ``base`` on every column of ``effects`` (column → the effect's
+    name), paired by seed over the runs that have the column (:func:`paired_differences`). A column
+    is compared as the mean difference d̄ of d = x_seed − base_seed, or, for a column in ``log``, as
+    the ratio exp(d̄) of d = log(x_seed / base_seed) — the geometric mean of the ratios — with the
+    interval exp(d̄ ± t_{n−1}·sd(d)/√n) (as :func:`paired_log_ratio`); there a value ≤ 0 has no
+    logarithm and its run is left out.
+
+    One row per effect × group, effect-major: ``by``, effect, pairs, difference (the difference or
+    the ratio), low, high, p (the paired t-test on d) and p_holm, Holm-adjusted within each effect
+    over the groups; ``holm(out["p"])`` adjusts over the whole table instead."""
+    frames = []
+    for column, name in effects.items():
+        values = np.log(frame[column].where(frame[column] > 0)) if column in log else frame[column]
+        d = paired_differences(frame.assign(**{column: values}).dropna(subset=[column]), column, by=by, base=base,
+                               confidence=confidence)
+        if column in log:
+            d = d.assign(**{c: np.exp(d[c]) for c in ("difference", "low", "high")})
+        frames.append(d.assign(effect=name))
+    out = pd.concat(frames, ignore_index=True)
+    return out[[by, "effect", "pairs", "difference", "low", "high", "p", "p_holm"]]
+
+
+def effects_display(effects: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Rows of :func:`paired_effects_table` as a report shows them: ``columns``, pairs, the estimate
+    with its 95 % interval, "d [low, high]" ("d [—]" with one pair), p and p_holm."""
+    estimate = [f"{d:.3g} {format_interval(lo, hi)}" for d, lo, hi in
+                zip(effects["difference"], effects["low"], effects["high"])]
+    return effects[[*columns, "pairs"]].assign(estimate=estimate, p=effects["p"], p_holm=effects["p_holm"])
+
+
 def within_group_spearman(frame: pd.DataFrame, x: str, y: str, *, by: Sequence[str] = ("setting",),
-                          min_n: int = 3) -> pd.DataFrame:
+                          min_n: int = 3, drop_small: bool = False) -> pd.DataFrame:
     """Spearman's ρ of ``x`` against ``y`` within each group of ``by`` (never pooled over groups,
     where a difference between groups would pass for a correlation), its two-sided p
     (``scipy.stats.spearmanr``) and that p Holm-adjusted over every group; groups with fewer than
-    ``min_n`` rows get NaN."""
+    ``min_n`` rows get NaN, or with ``drop_small`` are left out (neither counts in Holm's m)."""
     rows = []
     for key, g in frame.groupby(list(by), sort=False):
+        if drop_small and len(g) < min_n:
+            continue
         key = key if isinstance(key, tuple) else (key,)
         test = stats.spearmanr(g[x], g[y]) if len(g) >= min_n else None
         rows.append({**dict(zip(by, key)), "n": len(g), "rho": float(test.statistic) if test else np.nan,
                      "p": float(test.pvalue) if test else np.nan})
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows, columns=[*by, "n", "rho", "p"])
     return out.assign(p_holm=holm(out["p"]))
 
 
@@ -140,6 +177,55 @@ def holm(p: Sequence[float]) -> np.ndarray:
     m = len(order)
     out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
+
+
+def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's ρ along ``axis``: Pearson's r of the ranks (ties averaged), vectorized for the bootstrap."""
+    rx, ry = stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis)
+    rx, ry = rx - rx.mean(axis=axis, keepdims=True), ry - ry.mean(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a resample of one repeated pair has no ranking: NaN
+        return (rx * ry).sum(axis=axis) / np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
+
+
+def spearman_interval(x: Sequence[float], y: Sequence[float], *, seed: int = 0, n_resamples: int = 9999,
+                      level: float = 0.95) -> dict:
+    """Spearman's ρ of paired samples, its two-sided p-value (``scipy.stats.spearmanr``) and a BCa
+    bootstrap interval (pairs resampled together, ``numpy.random.default_rng(seed)``)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    test = stats.spearmanr(x, y)
+    ci = stats.bootstrap((x, y), _spearman, paired=True, vectorized=True, n_resamples=n_resamples,
+                         confidence_level=level, method="BCa", rng=np.random.default_rng(seed)).confidence_interval
+    return {"n": len(x), "rho": float(test.statistic), "p": float(test.pvalue), "low": float(ci.low),
+            "high": float(ci.high)}
+
+
+def spearman_phrase(r: dict) -> str:
+    """:func:`spearman_interval`'s result in words: "Spearman ρ = … [low, high] (BCa bootstrap 95 %),
+    p = …", a note in the interval's place where the bootstrap gave none."""
+    interval = (f"[{r['low']:.3g}, {r['high']:.3g}] (BCa bootstrap 95 %)" if np.isfinite([r["low"], r["high"]]).all()
+                else f"(no BCa bootstrap interval: too few distinct resamples of {r['n']} runs)")
+    return f"Spearman ρ = {r['rho']:.3g} {interval}, p = {r['p']:.2g}"
+
+
+#: fewer runs than this in a scope: no correlation (the bootstrap's resamples would often be all ties)
+MIN_RUNS = 5
+
+
+def runs_in_both(frame: pd.DataFrame, x: str, y: str, value: str = "lambda_max") -> pd.DataFrame:
+    """run × (x, y): ``value`` of every run of the long ``frame`` (run, space, value) that has both
+    spaces — the LoRA runs, where a space is one of LoRA's (full fine-tuning has the merged space only)."""
+    sel = frame[frame["space"].isin((x, y))]
+    return sel.pivot(index="run", columns="space", values=value).reindex(columns=[x, y]).dropna()
+
+
+def mismatched_runs(frame: pd.DataFrame, x: str = "lora-balanced", y: str = "merged") -> dict[str, list[str]]:
+    """Runs flat in one space and sharp in the other, among the runs with both (:func:`runs_in_both`):
+    λ₁ below the median in one space and in the top quartile (≥ the 75th percentile) in the other."""
+    wide = runs_in_both(frame, x, y)
+    flat = {s: wide[s] < wide[s].median() for s in (x, y)}
+    sharp = {s: wide[s] >= wide[s].quantile(0.75) for s in (x, y)}
+    return {f"flat in {x}, sharp in {y}": sorted(wide.index[flat[x] & sharp[y]]),
+            f"flat in {y}, sharp in {x}": sorted(wide.index[flat[y] & sharp[x]])}
 
 
 def sharpness_summary(probes: pd.DataFrame, measures: Optional[Sequence[tuple]] = None) -> pd.DataFrame:
@@ -158,6 +244,11 @@ def sharpness_summary(probes: pd.DataFrame, measures: Optional[Sequence[tuple]] 
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
+def top_eigenvalues(probes: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the top Hessian eigenvalue λ₁ (measure "eigenvalue", x = 1)."""
+    return probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1)]
+
+
 def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
     cols = list(frame.columns)
     fmt = lambda v: (f"{v:{floatfmt}}" if isinstance(v, float) and not np.isnan(v) else ("—" if isinstance(v, float) else str(v)))
@@ -166,52 +257,178 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = ".4f") -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------- the long runs' report sections
+def runs_section(metrics: pd.DataFrame) -> str:
+    """One row per run, by method then seed: steps, test and validation accuracy, training wall time."""
+    order = pd.Categorical(metrics["method"], categories=list(dict.fromkeys(metrics["method"])))
+    runs = metrics.assign(order=order).sort_values(["order", "seed"])
+    table = pd.DataFrame({"method": runs["method"], "seed": runs["seed"], "steps": runs["steps"],
+                          "test accuracy": runs["accuracy"], "validation accuracy": runs["val_accuracy"],
+                          "wall time (min)": runs["wall_time_s"] / 60})
+    return markdown_table(table, floatfmt=".4g")
+
+
 def accuracy_section(metrics: pd.DataFrame) -> str:
+    """Test accuracy and weighted F1 per method, mean ± std over seeds, and the majority-class baseline."""
     acc, f1 = mean_std(metrics, ["method"], "accuracy"), mean_std(metrics, ["method"], "f1_weighted")
     table = pd.DataFrame({"method": acc["method"], "seeds": acc["n"],
                           "test accuracy": [format_mean_std(m, s) for m, s in zip(acc["mean"], acc["std"])],
                           "weighted F1": [format_mean_std(m, s) for m, s in zip(f1["mean"], f1["std"])]})
-    out = [markdown_table(table), "", f"Majority-class baseline: {metrics['majority_baseline'].iloc[0]:.4f}."]
-    tests = [compare(metrics, v, "flat-lora", b) for v in ("accuracy", "f1_weighted") for b in ("lora",)]
-    tests += [compare(metrics, "accuracy", a, "lora") for a in ("sam-lora", "sam-full", "full-ft")
-              if (metrics["method"] == a).any()]
-    t = pd.DataFrame(tests)[["a", "b", "value", "n_a", "n_b", "diff", "welch_p", "n_paired", "paired_p"]]
-    out += ["", "Method a against b (difference of means; Welch's t-test; paired t-test over shared seeds):", "",
-            markdown_table(t)]
-    return "\n".join(out)
+    return "\n".join([markdown_table(table), "", f"Majority-class baseline: {metrics['majority_baseline'].iloc[0]:.4f}."])
 
 
 def sharpness_section(probes: pd.DataFrame) -> str:
+    """The headline measures (:data:`HEADLINE_MEASURES`) per measure × space (rows) and method (columns)."""
     s = sharpness_summary(probes)
     if s.empty:
         return "(no probes)"
     s = s.assign(value=[format_mean_std(m, sd, 4) for m, sd in zip(s["mean"], s["std"])])
     wide = s.pivot_table(index=["measure", "x", "space"], columns="method", values="value", aggfunc="first", sort=False)
-    wide = wide.reset_index()
-    tests = []
-    for (measure, x, space), g in probes.groupby(["measure", "x", "space"], dropna=False):
-        if (measure, x) in [(m, xx) for m, xx in HEADLINE_MEASURES if not np.isnan(xx)] or (
-                measure == "trace"):
-            c = compare(g, "value", "flat-lora", "lora")
-            tests.append({"measure": measure, "x": x, "space": space, "flat − lora": c["diff"],
-                          "welch_p": c["welch_p"], "paired_p": c["paired_p"]})
-    out = [markdown_table(wide), ""]
-    if tests:
-        out += ["Flat-LoRA against LoRA per measure and space:", "", markdown_table(pd.DataFrame(tests))]
-    return "\n".join(out)
+    return markdown_table(wide.reset_index())
+
+
+WORST_CASE_COLUMNS = {"worst_case": "worst case", "worst_case_first_order": "first order ρ‖∇L‖",
+                      "curvature": "curvature part (worst case − ρ‖∇L‖)"}
+
+
+def worst_case_section(probes: pd.DataFrame) -> str:
+    """Worst-case sharpness max_{‖δ‖≤ρ} L(θ + δ) − L(θ) beside its first-order term ρ‖∇L‖ and their
+    difference, the part that curvature adds, each mean ± std over seeds per ρ × space × method."""
+    keys, by = ["x", "space", "method", "seed"], ["x", "space", "method"]
+    sel = probes[probes["measure"].isin(("worst_case", "worst_case_first_order"))]
+    w = sel.pivot_table(index=keys, columns="measure", values="value", sort=False).reset_index()
+    if not {"worst_case", "worst_case_first_order"} <= set(w.columns):
+        return "(no worst-case probes)"
+    w = w.assign(curvature=w["worst_case"] - w["worst_case_first_order"])
+    table = mean_std(w, by, "worst_case")[by + ["n"]].rename(columns={"x": "ρ", "n": "seeds"})
+    for column, name in WORST_CASE_COLUMNS.items():
+        s = mean_std(w, by, column)
+        table[name] = [format_mean_std(m, sd) for m, sd in zip(s["mean"], s["std"])]
+    return "\n".join(["Mean ± std over seeds. Where the curvature part is small against ρ‖∇L‖, the worst case "
+                      "measures the gradient, not the curvature.", "", markdown_table(table, floatfmt=".3g")])
+
+
+def expected_loss_section(probes: pd.DataFrame) -> str:
+    """ΔL(σ) = E_ε L(θ + ε) − L(θ) per σ × space (rows) and method (columns): the mean over seeds with
+    its Monte-Carlo interval, mean ± √(Σᵢ hᵢ²)/n from the n runs' 95 % half-widths hᵢ (the runs' noise
+    draws are independent, so the variances of their means add; keeping each run's own t quantile
+    makes it slightly conservative). A cell whose interval holds 0 is marked †."""
+    e = probes[probes["measure"] == "expected_loss"]
+    if e.empty:
+        return "(no expected-loss probes)"
+    g = e.groupby(["x", "space", "method"], sort=False)
+    s = pd.DataFrame({"mean": g["value"].mean(),
+                      "half": g["err"].agg(lambda h: float(np.sqrt(np.sum(h.to_numpy() ** 2))) / len(h))}).reset_index()
+    low, high = s["mean"] - s["half"], s["mean"] + s["half"]
+    cells = [f"{m:.3g} {format_interval(lo, hi)}" + (" †" if lo <= 0 <= hi else "")
+             for m, lo, hi in zip(s["mean"], low, high)]
+    wide = s.assign(cell=cells).pivot_table(index=["x", "space"], columns="method", values="cell", aggfunc="first",
+                                            sort=False)
+    return "\n".join(["Mean over seeds [Monte-Carlo 95 % interval of that mean]; † marks a cell whose interval "
+                      "includes 0: at this many noise draws its ΔL is not told apart from 0.", "",
+                      markdown_table(wide.reset_index().rename(columns={"x": "σ"}), floatfmt=".3g")])
 
 
 def robustness_section(robust: pd.DataFrame) -> str:
+    """The accuracy drop under each corruption kind and level per method, mean ± std over seeds."""
     s = robust.groupby(["kind", "level", "method"], sort=False)["drop"].agg(["mean", "std"]).reset_index()
     s = s.assign(drop=[format_mean_std(m, sd, 4) for m, sd in zip(s["mean"], s["std"])])
     wide = s.pivot_table(index=["kind", "level"], columns="method", values="drop", aggfunc="first", sort=False)
-    tests = []
-    for (kind, level), g in robust.groupby(["kind", "level"], sort=False):
-        c = compare(g, "drop", "flat-lora", "lora")
-        tests.append({"kind": kind, "level": level, "flat − lora (drop)": c["diff"], "welch_p": c["welch_p"],
-                      "paired_p": c["paired_p"]})
-    return "\n".join(["Accuracy drop (clean − corrupted), mean ± std over seeds:", "", markdown_table(wide.reset_index()), "",
-                      markdown_table(pd.DataFrame(tests))])
+    return "\n".join(["Accuracy drop (clean − corrupted), mean ± std over seeds:", "", markdown_table(wide.reset_index())])
+
+
+#: probe measures of the against-LoRA table: (measure, label, compared on the log scale)
+AGAINST_LORA_PROBES = (("eigenvalue", "λ₁", True), ("worst_case", "worst case at ρ = {x:g}", True),
+                       ("expected_loss", "ΔL at σ = {x:g}", False))
+
+
+def against_lora(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] = None,
+                 robust: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Every method against LoRA with the same seed (:func:`paired_effects_table`): test accuracy and
+    weighted F1 as differences; in each space λ₁ and the worst case at each ρ as ratios (on the log
+    scale: a halving and a doubling of a curvature are equal effects), ΔL at each σ as a difference
+    (near 0, of either sign); with ``robust``, the accuracy drop under each corruption kind and level
+    as a difference. Rows without a pair are left out (full fine-tuning in LoRA's spaces); p_holm is
+    Holm-adjusted over every row of the table — every method × effect with two pairs or more, one
+    family (per task: call it once per task)."""
+    keys = ["method", "seed"]
+    wide = metrics[keys].assign(**{"test accuracy": metrics["accuracy"], "weighted F1": metrics["f1_weighted"]})
+    parts, log = [], set()
+    for measure, label, on_log in (AGAINST_LORA_PROBES if probes is not None else ()):
+        sel = top_eigenvalues(probes) if measure == "eigenvalue" else probes[probes["measure"] == measure]
+        sel = sel.assign(quantity=[f"{label.format(x=x)} ({sp})" for x, sp in zip(sel["x"], sel["space"])])
+        if on_log:
+            log |= set(sel["quantity"])
+        parts.append(sel)
+    if robust is not None:
+        parts.append(robust.assign(quantity=[f"accuracy drop, {k} {lv}" for k, lv in zip(robust["kind"], robust["level"])],
+                                   value=robust["drop"]))
+    if parts:
+        values = pd.concat(parts).pivot_table(index=keys, columns="quantity", values="value", sort=False)
+        wide = wide.merge(values.reset_index(), on=keys, how="left")
+    effects = {c: f"{c} {'÷' if c in log else '−'} LoRA's" for c in wide.columns if c not in keys}
+    out = paired_effects_table(wide, effects, log=log, by="method", base="lora")
+    out = out[out["pairs"] > 0].reset_index(drop=True)
+    return out.assign(p_holm=holm(out["p"]))
+
+
+def against_lora_section(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] = None,
+                         robust: Optional[pd.DataFrame] = None) -> str:
+    """:func:`against_lora` as a table, with what it holds in words."""
+    effects = against_lora(metrics, probes, robust)
+    if effects.empty:
+        return "(no method has a run with one of LoRA's seeds)"
+    tested = int(effects["p"].notna().sum())
+    text = ("Each method against LoRA with the same seed (a pair shares the data order and the initialisation): "
+            "accuracies, ΔL and accuracy drops as the mean difference (method − LoRA), λ₁ and the worst case as the "
+            "ratio exp(mean log(method ÷ LoRA)), the geometric mean over seeds; each with its Student-t 95 % "
+            "interval in brackets and the paired t-test's p (two pairs or more; — otherwise). p_holm is Holm-adjusted over "
+            f"every comparison in this table, one family for the task: {tested} of its {len(effects)} rows have a p.")
+    return "\n".join([text, "", markdown_table(effects_display(effects, ["effect", "method"]), floatfmt=".3g")])
+
+
+def within_method(metrics: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
+    """Spearman's ρ of λ₁ in each space against test accuracy across the seeds of one method, for
+    each method × space with at least :data:`MIN_RUNS` seeds — never pooled over methods, whose
+    differences would pass for a correlation (:func:`within_group_spearman`; p Holm-adjusted over
+    every method × space shown)."""
+    joined = top_eigenvalues(probes).merge(metrics[["method", "seed", "accuracy"]], on=["method", "seed"])
+    return within_group_spearman(joined, "value", "accuracy", by=("method", "space"), min_n=MIN_RUNS, drop_small=True)
+
+
+def within_method_section(metrics: pd.DataFrame, probes: pd.DataFrame) -> str:
+    """:func:`within_method` as a table, or a line saying that no method has enough seeds yet."""
+    within = within_method(metrics, probes)
+    if within.empty:
+        return f"(no method has {MIN_RUNS} probed seeds yet)"
+    return "\n".join([f"Spearman ρ of λ₁ against test accuracy across the seeds of each method with {MIN_RUNS} or "
+                      "more (within a method, never pooled; p_holm over every method × space shown):", "",
+                      markdown_table(within, floatfmt=".3g")])
+
+
+#: the spaces the claim compares, across runs: LoRA's against the full one, and tangent against normal
+CLAIM_PAIRS = (("lora-balanced", "merged"), ("tangent", "normal"))
+
+
+def claim_section(probes: pd.DataFrame) -> str:
+    """Per pair of :data:`CLAIM_PAIRS`: Spearman's ρ of λ₁ in one space against λ₁ in the other across
+    every run that has both (every LoRA-family method and seed: the claim is about runs), with its BCa
+    bootstrap interval (:func:`spearman_interval`), and the runs flat in one space and sharp in the
+    other (:func:`mismatched_runs`), once :data:`MIN_RUNS` runs have both."""
+    eig = top_eigenvalues(probes)
+    eig = eig.assign(run=[f"{m}-s{s}" for m, s in zip(eig["method"], eig["seed"])], lambda_max=eig["value"])
+    lines = []
+    for x, y in CLAIM_PAIRS:
+        both = runs_in_both(eig, x, y)
+        if len(both) < MIN_RUNS:
+            lines.append(f"- λ₁ ({x}) against λ₁ ({y}): {len(both)} runs have both so far; the correlation and the "
+                         f"runs flat in one space and sharp in the other wait for {MIN_RUNS}.")
+            continue
+        lines.append(f"- λ₁ ({x}) against λ₁ ({y}) across the {len(both)} runs that have both: "
+                     f"{spearman_phrase(spearman_interval(both[x], both[y]))}.")
+        lines += [f"  - runs {label}: {', '.join(names) if names else 'none'}."
+                  for label, names in mismatched_runs(eig, x, y).items()]
+    return "\n".join(lines)
 
 
 #: the parts of the study, in the order the index shows them (others follow, by name)

@@ -42,11 +42,12 @@ from flatlora.io import atomic_write_json, atomic_write_text, read_json
 from ..hessian import hessian_eigenvalues
 from ..loss import Loss
 from ..plot import new_figure, save_figure
-from .exact import MIN_RUNS, SETTINGS, ExactStudyError, Setting, run_path, spearman_interval, train_runs
+from .exact import SETTINGS, ExactStudyError, Setting, run_path, train_runs
 from .figures import method_color, plain_log_axes
 from .noise_check import noise_gradient_effect
 from .pipeline import publish_run, run_fingerprint
-from .report import markdown_table, paired_differences, paired_log_ratio, within_group_spearman
+from .report import (MIN_RUNS, effects_display, markdown_table, paired_effects_table, paired_log_ratio, spearman_interval,
+                     spearman_phrase, within_group_spearman)
 from .suite import BALANCED, probe_spaces
 
 __all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "noise_check", "measured_row", "sweep_table", "summarize", "choose", "paired_effects", "within_setting_correlations",
@@ -199,25 +200,17 @@ EFFECTS = {"test_accuracy": "test accuracy − LoRA's", f"lambda_{BALANCED}": "b
 
 
 def paired_effects(table: pd.DataFrame) -> pd.DataFrame:
-    """Each setting against plain LoRA with the same seed (:func:`~landscape.study.report.paired_differences`),
+    """Each setting against plain LoRA with the same seed (:func:`~landscape.study.report.paired_effects_table`),
     one row per setting × effect of :data:`EFFECTS`: the difference in test accuracy, and on the log
     scale (reported as ratios exp(d̄), with the Student-t interval) λ₁ in the balanced LoRA space, in
-    the merged space, and the **gap** log λ₁(balanced LoRA) − log λ₁(merged) — below 1 when a setting
-    is flatter, against LoRA, in the LoRA space than in the merged space: the claim's pattern. p is
+    the merged space, and the **gap** λ₁(balanced LoRA) ÷ λ₁(merged) — below 1 when a setting is
+    flatter, against LoRA, in the LoRA space than in the merged space: the claim's pattern. p is
     Holm-adjusted within each effect over the settings shown: those with two seeds or more paired."""
-    logs = table.assign(**{c: np.log(table[c]) for c in (f"lambda_{BALANCED}", "lambda_merged")})
-    logs = logs.assign(gap=logs[f"lambda_{BALANCED}"] - logs["lambda_merged"])
-    lora_seeds = set(logs.loc[logs["method"] == "lora", "seed"])
-    pairs = logs[logs["seed"].isin(lora_seeds)].groupby("setting")["seed"].nunique()
-    logs = logs[logs["setting"].isin(pairs[pairs >= 2].index)]
-    frames = []
-    for value, name in EFFECTS.items():
-        d = paired_differences(logs, value)
-        if value != "test_accuracy":
-            d = d.assign(**{c: np.exp(d[c]) for c in ("difference", "low", "high")})
-        frames.append(d.drop(columns="base_mean").assign(effect=name))
-    out = pd.concat(frames, ignore_index=True)
-    return out[["setting", "effect", "pairs", "difference", "low", "high", "p", "p_holm"]]
+    table = table.assign(gap=table[f"lambda_{BALANCED}"] / table["lambda_merged"])
+    lora_seeds = set(table.loc[table["method"] == "lora", "seed"])
+    pairs = table[table["seed"].isin(lora_seeds)].groupby("setting")["seed"].nunique()
+    table = table[table["setting"].isin(pairs[pairs >= 2].index)]
+    return paired_effects_table(table, EFFECTS, log=[c for c in EFFECTS if c != "test_accuracy"])
 
 
 def within_setting_correlations(table: pd.DataFrame, min_n: int = 5) -> pd.DataFrame:
@@ -225,10 +218,8 @@ def within_setting_correlations(table: pd.DataFrame, min_n: int = 5) -> pd.DataF
     setting with at least ``min_n`` seeds, never pooled over settings
     (:func:`~landscape.study.report.within_group_spearman`; Holm over every setting × space)."""
     long = pd.concat([table.assign(space=sp, lambda_max=table[f"lambda_{sp}"]) for sp in SUMMARY_SPACES])
-    long = long[long.groupby(["setting", "space"])["seed"].transform("nunique") >= min_n]
-    if long.empty:
-        return pd.DataFrame(columns=["setting", "space", "n", "rho", "p", "p_holm"])
-    return within_group_spearman(long, "lambda_max", "test_accuracy", by=("setting", "space"), min_n=min_n)
+    return within_group_spearman(long, "lambda_max", "test_accuracy", by=("setting", "space"), min_n=min_n,
+                                 drop_small=True)
 
 
 def _seeds_section(table: pd.DataFrame) -> list[str]:
@@ -236,8 +227,7 @@ def _seeds_section(table: pd.DataFrame) -> list[str]:
     effects = paired_effects(table)
     if effects.empty:
         return []
-    estimate = effects.apply(lambda r: f"{r['difference']:.3g} [{r['low']:.3g}, {r['high']:.3g}]", axis=1)
-    shown = effects.assign(estimate=estimate)[["setting", "effect", "pairs", "estimate", "p", "p_holm"]]
+    shown = effects_display(effects, ["setting", "effect"])
     lines = ["", "## Against LoRA, paired by seed (settings with two seeds or more)", "",
              "Test accuracy as a difference, λ₁ as a ratio (geometric mean over seeds), each with its Student-t 95 % "
              "interval and paired t-test; p_holm is Holm-adjusted within each effect over the settings shown. The "
@@ -252,16 +242,13 @@ def _seeds_section(table: pd.DataFrame) -> list[str]:
 
 def _claim_section(table: pd.DataFrame) -> list[str]:
     """Spearman's ρ of balanced-LoRA λ₁ against merged λ₁ across every run of the sweep, with its BCa
-    bootstrap interval (:func:`~landscape.study.exact.spearman_interval`), once there are
-    :data:`~landscape.study.exact.MIN_RUNS` runs."""
+    bootstrap interval (:func:`~landscape.study.report.spearman_interval`), once there are
+    :data:`~landscape.study.report.MIN_RUNS` runs."""
     if len(table) < MIN_RUNS:
         return []
     r = spearman_interval(table[f"lambda_{BALANCED}"], table["lambda_merged"])
-    interval = (f"[{r['low']:.3g}, {r['high']:.3g}] (BCa bootstrap 95 %)" if np.isfinite([r["low"], r["high"]]).all()
-                else f"(no BCa bootstrap interval: too few distinct resamples of {r['n']} runs)")
     return ["", "## The claim across the sweep's runs", "",
-            f"Balanced-LoRA λ₁ against merged λ₁ across the {r['n']} runs (every setting and seed): Spearman "
-            f"ρ = {r['rho']:.3g} {interval}, p = {r['p']:.2g}."]
+            f"Balanced-LoRA λ₁ against merged λ₁ across the {r['n']} runs (every setting and seed): {spearman_phrase(r)}."]
 
 
 def _noise_section(results: Path) -> list[str]:
