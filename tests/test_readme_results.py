@@ -147,3 +147,39 @@ def test_the_exact_digits_accuracy_tests_recomputed_with_scipy():
     for s in p:
         assert saved[s]["p"] == pytest.approx(p[s], rel=1e-9)
         assert saved[s]["p_holm"] == pytest.approx(adjusted[s], rel=1e-9)
+
+
+LONG = ROOT / "results" / "study" / "minilm" / "report.md"
+LONG_SECTION = "### MiniLM: the long runs"
+
+
+def test_readme_quotes_the_long_runs_report_as_it_is():
+    """Every table row of the README's long-run section is a row of the committed
+    results/study/minilm/report.md (written by analysis_scripts/mismatch_study.py's report stage)."""
+    rows = [line for line in _section(LONG_SECTION).splitlines() if line.startswith("|")]
+    assert len(rows) >= 10
+    assert [row for row in rows if row not in LONG.read_text(encoding="utf-8").splitlines()] == []
+
+
+def test_every_decimal_in_the_long_runs_prose_is_in_its_report():
+    numbers = _prose_decimals(_section(LONG_SECTION))
+    assert numbers, "the section quotes no numbers"
+    assert sorted(n for n in numbers - GRID if n not in LONG.read_text(encoding="utf-8")) == []
+
+
+def test_the_long_runs_ratios_recomputed_from_the_committed_probes():
+    """Each method's λ₁ ÷ LoRA's in each space, exp(mean over seeds of log(method ÷ LoRA)) computed
+    here from the committed probes.csv, is the estimate the report's paired table states."""
+    import numpy as np
+
+    probes = pd.read_csv(LONG.parent / "rt-minilm" / "probes.csv")
+    eig = probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1.0)]
+    wide = eig.pivot_table(index=["space", "seed"], columns="method", values="value")
+    text = LONG.read_text(encoding="utf-8")
+    checked = 0
+    for space in eig["space"].unique():
+        for method in [m for m in wide.columns if m != "lora"]:
+            ratio = float(np.exp(np.mean(np.log(wide.loc[space, method] / wide.loc[space, "lora"]))))
+            assert f"| λ₁ ({space}) ÷ LoRA's | {method} | {len(wide.loc[space])} | {ratio:.3g} [" in text
+            checked += 1
+    assert checked >= 12
