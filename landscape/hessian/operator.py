@@ -283,11 +283,22 @@ def run_on_hessian(model: nn.Module, loss: Loss, space: Space | Selector, algori
 
     Returns:
         The result, the operator and the seconds the session took.
+
+    Raises:
+        RuntimeError: the algorithm failed (a Lanczos that did not converge…) after the backend found
+            its own products suspect (:meth:`~landscape.hessian.products.HVPBackend.doubt`: finite
+            differences across ReLU kinks) — the message names that cause, not only the algorithm's.
     """
     op = HessianOperator(model, loss, space, **operator_options)
     if check is not None:
         check(op.shape[0])
     start = time.perf_counter()
     with op.session(desc=f"{name} ({op.space_name})", total=total, progress=progress):
-        result = algorithm(op)
+        try:
+            result = algorithm(op)
+        except RuntimeError as err:
+            doubt = op.hvp.doubt()
+            if doubt is None:
+                raise
+            raise RuntimeError(f"{name} failed ({err}), and the products are suspect: {doubt}") from err
     return HessianRun(result, op, time.perf_counter() - start)

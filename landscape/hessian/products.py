@@ -135,6 +135,12 @@ class HVPBackend(abc.ABC):
     def release(self) -> None:
         """Drop whatever was kept between products (only :class:`DoubleBackward` keeps graphs)."""
 
+    def doubt(self) -> Optional[str]:
+        """Why this backend's products may be wrong, once a check has shown it (``None``: no such
+        evidence). An algorithm that then fails to converge names this cause rather than its own
+        settings (see :func:`landscape.hessian.operator.run_on_hessian`)."""
+        return None
+
     def loss_at(self, delta: Direction, index: int, batch) -> torch.Tensor:
         """ℓ_b(θ + Pδ); dropout (train-mode losses) from the seed ``rng_seed + b``, global RNG untouched.
         An eval-mode loss draws nothing: no RNG is forked or seeded (``torch.manual_seed`` costs more than a
@@ -264,6 +270,7 @@ class FiniteDifference(HVPBackend):
         eps = torch.finfo(next(iter(point.values())).dtype).eps
         self.fd_step = fd_step or eps ** (1 / 3) * max(1.0, _norm64(point))
         self.checked = False
+        self.check_error: Optional[float] = None
 
     def _hvp(self, v: Direction, batches: WeightedBatches) -> Direction:
         hv = self._difference(v, batches)
@@ -282,13 +289,18 @@ class FiniteDifference(HVPBackend):
             return None
         scale = _norm64(exact)
         error = _norm64({n: hv[n] - exact[n] for n in hv}) / scale if scale > 0 else _norm64(hv)
+        self.check_error = error
         if error > self.CHECK_RTOL:
-            warnings.warn(
-                f"backend='finite-difference' differs from double backward by {error:.1%} (relative) on its first "
-                f"Hessian-vector product (fd_step {self.fd_step:.3g}): finite differences are unreliable where the "
-                "loss is not smooth at the step's scale — piecewise-linear activations (ReLU, max-pooling) put kinks "
-                "there. Use backend='double-backward' (or 'func'), or a smooth activation.", stacklevel=2)
+            warnings.warn(self.doubt(), stacklevel=2)
         return error
+
+    def doubt(self) -> Optional[str]:
+        if self.check_error is None or not self.check_error > self.CHECK_RTOL:
+            return None
+        return (f"backend='finite-difference' differs from double backward by {self.check_error:.1%} (relative) on "
+                f"its first Hessian-vector product (fd_step {self.fd_step:.3g}): finite differences are unreliable "
+                "where the loss is not smooth at the step's scale — piecewise-linear activations (ReLU, max-pooling) "
+                "put kinks there. Use backend='double-backward' (or 'func'), or a smooth activation.")
 
     def _difference(self, v: Direction, batches: WeightedBatches) -> Direction:
         norm = _norm64(v)
