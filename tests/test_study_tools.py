@@ -158,3 +158,18 @@ def test_feature_noise_is_the_same_for_every_call_and_refuses_text_tasks():
 
     with pytest.raises(ValueError, match="no feature vectors"):
         feature_noise_accuracy(model, Text())
+
+
+def test_equal_accuracy_drops_are_equal_numbers():
+    """Two drops of 2 in 150 from different clean accuracies: float subtraction gives two numbers
+    (their difference showed as -1.11e-16 in a report), the exact drop gives 2/150 both times, also
+    for a table's columns."""
+    import pandas as pd
+
+    from landscape.study.robustness import accuracy_drop
+
+    n = 150
+    assert 100 / n - 98 / n != 102 / n - 100 / n  # the rounding this guards against
+    assert accuracy_drop(100 / n, 98 / n, n) == accuracy_drop(102 / n, 100 / n, n) == 2 / n
+    table = pd.DataFrame({"clean_accuracy": [100 / n, 102 / n], "accuracy": [98 / n, 100 / n], "n": [n, n]})
+    assert accuracy_drop(table["clean_accuracy"], table["accuracy"], table["n"]).tolist() == [2 / n, 2 / n]

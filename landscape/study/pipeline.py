@@ -42,7 +42,7 @@ from .figures import (PLANE_METHODS, fig_eigenvalues, fig_expected_loss, fig_lin
 from .report import (accuracy_section, against_lora_section, claim_section, collect_metrics, expected_loss_section,
                      markdown_table, robustness_section, runs_section, sharpness_section, within_method_section,
                      worst_case_section)
-from .robustness import corruption_accuracy
+from .robustness import accuracy_drop, corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
 __all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
@@ -444,8 +444,10 @@ def robust_all(results: Path, task: str, runs: list[Path], limit: int) -> None:
         parts.get(d.name, {"files": run_fingerprint(d), "limit": limit}, compute, collective=False)
     distributed.barrier()
     if distributed.is_main():
-        frames = [parts.read(d.name)["robustness"] for d in runs]
-        atomic_write_text(results / task / "robustness.csv", pd.concat(frames, ignore_index=True).to_csv(index=False))
+        robust = pd.concat([parts.read(d.name)["robustness"] for d in runs], ignore_index=True)
+        # parts written before accuracy_drop carry the float difference's rounding: the drop again, exactly
+        robust = robust.assign(drop=accuracy_drop(robust["clean_accuracy"], robust["accuracy"], robust["n"]))
+        atomic_write_text(results / task / "robustness.csv", robust.to_csv(index=False))
     distributed.barrier()
 
 

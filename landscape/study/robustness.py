@@ -12,13 +12,21 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from .corruption import CORRUPTIONS, LEVELS, corrupt_all
 
-__all__ = ["corruption_accuracy", "feature_noise_accuracy", "FEATURE_NOISE"]
+__all__ = ["corruption_accuracy", "feature_noise_accuracy", "accuracy_drop", "FEATURE_NOISE"]
+
+
+def accuracy_drop(clean_accuracy, accuracy, n):
+    """clean − corrupted accuracy on the same n examples, as the exact multiple of 1/n it is: the two
+    accuracies are counts over n, and their float difference carries rounding (two equal drops could
+    differ by 1e-16 and show a "-1.11e-16" difference in a report). Scalars or pandas columns."""
+    return np.round((clean_accuracy - accuracy) * n) / n
 
 
 def corruption_accuracy(model: nn.Module, task, *, kinds: Sequence[str] = tuple(CORRUPTIONS),
@@ -35,7 +43,8 @@ def corruption_accuracy(model: nn.Module, task, *, kinds: Sequence[str] = tuple(
         for level in levels:
             ev = task.evaluate(model, batch_size=batch_size, examples=task.encode(corrupt_all(texts, kind, level, seed=seed), labels))
             rows.append({"kind": kind, "level": level, "accuracy": ev["accuracy"], "f1_weighted": ev["f1_weighted"],
-                         "clean_accuracy": clean["accuracy"], "drop": clean["accuracy"] - ev["accuracy"], "n": ev["n"]})
+                         "clean_accuracy": clean["accuracy"],
+                         "drop": accuracy_drop(clean["accuracy"], ev["accuracy"], ev["n"]), "n": ev["n"]})
     return pd.DataFrame(rows)
 
 
@@ -66,5 +75,6 @@ def feature_noise_accuracy(model: nn.Module, task, *, limit: Optional[int] = Non
             noisy = [{**e, "x": _noisy(e["x"], kind, scale, gen)} for e in examples]
             ev = task.evaluate(model, batch_size=batch_size, examples=noisy)
             rows.append({"kind": kind, "level": level, "accuracy": ev["accuracy"], "f1_weighted": ev["f1_weighted"],
-                         "clean_accuracy": clean["accuracy"], "drop": clean["accuracy"] - ev["accuracy"], "n": ev["n"]})
+                         "clean_accuracy": clean["accuracy"],
+                         "drop": accuracy_drop(clean["accuracy"], ev["accuracy"], ev["n"]), "n": ev["n"]})
     return pd.DataFrame(rows)
