@@ -90,6 +90,24 @@ def test_paired_differences_are_scipys_paired_t_with_holm():
     np.testing.assert_allclose(out.loc[["a", "b"], "p_holm"], holm(p), rtol=1e-12)
 
 
+def test_pairs_that_all_differ_by_the_same_count_have_no_t_test():
+    """Two seeds where Flat-LoRA's drop is 4 in 150 above LoRA's both times: the differences agree up
+    to float rounding, and scipy's t-test would call that p = 6e-17. No spread, no test: p and the
+    interval are NaN ("—"), and the estimate stays."""
+    import numpy as np
+    import pandas as pd
+
+    from landscape.study.report import paired_differences
+
+    n = 150
+    drops = {("lora", 0): 1 / n, ("lora", 1): 3 / n, ("flat-lora", 0): 5 / n, ("flat-lora", 1): 7 / n}
+    frame = pd.DataFrame([{"setting": m, "seed": s, "drop": d} for (m, s), d in drops.items()])
+    row = paired_differences(frame, "drop").set_index("setting").loc["flat-lora"]
+    assert (5 / n - 1 / n) != (7 / n - 3 / n)  # the rounding the guard is for
+    assert row["difference"] == pytest.approx(4 / n, rel=1e-12)
+    assert np.isnan(row["p"]) and np.isnan(row["low"]) and np.isnan(row["high"])
+
+
 def test_within_group_spearman_never_pools_groups():
     from scipy import stats
 
