@@ -179,7 +179,43 @@ def test_the_long_runs_ratios_recomputed_from_the_committed_probes():
     checked = 0
     for space in eig["space"].unique():
         for method in [m for m in wide.columns if m != "lora"]:
-            ratio = float(np.exp(np.mean(np.log(wide.loc[space, method] / wide.loc[space, "lora"]))))
-            assert f"| λ₁ ({space}) ÷ LoRA's | {method} | {len(wide.loc[space])} | {ratio:.3g} [" in text
+            pairs = (wide.loc[space, method] / wide.loc[space, "lora"]).dropna()  # seeds both methods have
+            ratio = float(np.exp(np.mean(np.log(pairs))))
+            assert f"| λ₁ ({space}) ÷ LoRA's | {method} | {len(pairs)} | {ratio:.3g} [" in text
             checked += 1
     assert checked >= 12
+
+
+def test_the_long_runs_paired_accuracy_p_recomputed_with_scipy():
+    """Each method's test accuracy against LoRA's with the same seeds: scipy's paired t-test on the
+    committed metrics.csv gives the report's p (for every method with two seeds or more)."""
+    from scipy import stats
+
+    metrics = pd.read_csv(LONG.parent / "rt-minilm" / "metrics.csv")
+    acc = metrics.pivot(index="seed", columns="method", values="accuracy")
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in LONG.read_text(encoding="utf-8").splitlines()
+            if line.startswith("| test accuracy − LoRA's |")}
+    checked = 0
+    for method in [m for m in acc.columns if m != "lora"]:
+        both = acc[[method, "lora"]].dropna()
+        if len(both) < 2:
+            continue
+        p = stats.ttest_rel(both[method], both["lora"]).pvalue
+        assert rows[method][2] == str(len(both)) and rows[method][4] == f"{p:.3g}"
+        checked += 1
+    assert checked >= 1
+
+
+def test_the_long_runs_claim_correlation_recomputed_with_scipy():
+    """λ₁ in the balanced LoRA space against λ₁ in the merged space across the probed runs:
+    scipy's Spearman ρ and p on the committed probes.csv are the report's."""
+    from scipy import stats
+
+    probes = pd.read_csv(LONG.parent / "rt-minilm" / "probes.csv")
+    eig = probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1.0)]
+    wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value")[["lora-balanced", "merged"]].dropna()
+    test = stats.spearmanr(wide["lora-balanced"], wide["merged"])
+    stated = (f"λ₁ (lora-balanced) against λ₁ (merged) across the {len(wide)} runs that have both: "
+              f"Spearman ρ = {test.statistic:.3g} ")
+    line = next(line for line in LONG.read_text(encoding="utf-8").splitlines() if stated in line)
+    assert line.endswith(f"p = {test.pvalue:.2g}.")
