@@ -108,6 +108,24 @@ def test_pairs_that_all_differ_by_the_same_count_have_no_t_test():
     assert np.isnan(row["p"]) and np.isnan(row["low"]) and np.isnan(row["high"])
 
 
+def test_a_mean_difference_of_zero_counts_is_zero_not_its_rounding():
+    """Drops of 0, 0, 3 in 150 against 0, 1, 2: the differences sum to 0 counts, but in floats their
+    mean is -2.9e-19, which the report would print as an effect. The t-test still runs (the pairs
+    differ)."""
+    import numpy as np
+    import pandas as pd
+
+    from landscape.study.report import paired_differences
+
+    n = 150
+    drops = {"flat-lora": [0, 0, 3], "lora": [0, 1, 2]}
+    frame = pd.DataFrame([{"setting": m, "seed": s, "drop": k / n} for m, ks in drops.items() for s, k in enumerate(ks)])
+    assert (np.array(drops["flat-lora"]) / n - np.array(drops["lora"]) / n).mean() != 0  # the rounding
+    row = paired_differences(frame, "drop").set_index("setting").loc["flat-lora"]
+    assert row["difference"] == 0.0
+    assert row["p"] == pytest.approx(1.0)
+
+
 def test_within_group_spearman_never_pools_groups():
     from scipy import stats
 

@@ -79,9 +79,12 @@ def _paired_t(d: np.ndarray, confidence: float) -> dict:
     (H₀: mean d = 0); interval and p NaN with fewer than two pairs, and where every pair has the same
     difference (to float rounding: accuracies are counts over n, and two equal drops of 4 in 150 gave
     differences 1e-17 apart, which scipy's t-test turned into p = 6e-17): the t-test has no spread to
-    weigh the mean against, and a p of 0 from two pairs would be an artifact, not evidence."""
-    out = {"pairs": len(d), "mean": float(d.mean()) if len(d) else np.nan, "low": np.nan, "high": np.nan, "p": np.nan}
-    if len(d) >= 2 and np.ptp(d) > 64 * np.finfo(float).eps * np.abs(d).max():
+    weigh the mean against, and a p of 0 from two pairs would be an artifact, not evidence. A mean
+    that is 0 to the same rounding (drops of 0, 0, 3 against 0, 1, 2 in 150 gave -2.9e-19) is 0."""
+    rounding = 64 * np.finfo(float).eps * (np.abs(d).max() if len(d) else 0.0)
+    mean = float(d.mean()) if len(d) else np.nan
+    out = {"pairs": len(d), "mean": 0.0 if abs(mean) <= rounding else mean, "low": np.nan, "high": np.nan, "p": np.nan}
+    if len(d) >= 2 and np.ptp(d) > rounding:
         test = stats.ttest_1samp(d, 0.0)
         ci = test.confidence_interval(confidence)
         out.update(low=float(ci.low), high=float(ci.high), p=float(test.pvalue))
