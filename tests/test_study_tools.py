@@ -138,6 +138,39 @@ def test_within_group_spearman_never_pools_groups():
     assert out["n"].tolist() == [6, 6, 6]
 
 
+def test_spearman_p_of_a_few_seeds_is_the_exact_share_of_pairings():
+    """Against brute force over all 6! pairings (ties in y): the share with |ρ*| ≥ |ρ| — the null
+    distribution is symmetric (reversing y's ranks negates ρ), so this is the two-sided p. Five seeds
+    ranked alike get 2/5!, not the t approximation's ~1e-24."""
+    import itertools
+
+    import numpy as np
+    from scipy import stats
+
+    from landscape.study.report import spearman_test
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=6), np.round(rng.normal(size=6))
+    rho, p = spearman_test(x, y)
+    null = np.array([stats.spearmanr(np.array(q), y).statistic for q in itertools.permutations(x)])
+    assert rho == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert p == pytest.approx(np.mean(np.abs(null) >= abs(rho) - 1e-12), abs=1e-12)
+    assert spearman_test([1, 2, 3, 4, 5], [0.3, 0.4, 0.5, 0.8, 0.9]) == (pytest.approx(1.0), pytest.approx(2 / 120))
+    assert stats.spearmanr([1, 2, 3, 4, 5], [0.3, 0.4, 0.5, 0.8, 0.9]).pvalue < 1e-20  # what it replaces
+
+
+def test_spearman_p_of_many_runs_is_the_t_approximation_and_a_constant_sample_has_none():
+    import numpy as np
+    from scipy import stats
+
+    from landscape.study.report import EXACT_SPEARMAN_MAX_N, spearman_test
+
+    x = np.arange(EXACT_SPEARMAN_MAX_N + 1.0)
+    y = np.random.default_rng(2).normal(size=len(x))
+    assert spearman_test(x, y)[1] == pytest.approx(stats.spearmanr(x, y).pvalue, abs=1e-12)
+    assert np.isnan(spearman_test(x[:5], np.ones(5))).all()
+
+
 def test_spearman_interval_is_seeded_and_holds_rho():
     import numpy as np
 

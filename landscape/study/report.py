@@ -14,6 +14,7 @@ Tests (runs with the same seed share the data order and the head's initialisatio
 * :func:`paired_differences` — each setting against a baseline on one metric, paired by seed, Holm-adjusted;
 * :func:`paired_effects_table` — the same on several metrics at once, each a difference or (on the
   log scale) a ratio;
+* :func:`spearman_test` — Spearman's ρ and its two-sided p, exact (every pairing) for few runs;
 * :func:`within_group_spearman` — Spearman's ρ within each method or setting (not pooled), Holm-adjusted;
 * :func:`spearman_interval` — Spearman's ρ across runs with a BCa bootstrap interval, and
   :func:`mismatched_runs` — the runs flat in one space and sharp in the other.
@@ -35,11 +36,12 @@ import pandas as pd
 from scipy import stats
 
 __all__ = ["collect_metrics", "mean_std", "paired_log_ratio", "paired_differences", "paired_effects_table",
-           "within_group_spearman", "holm", "spearman_interval", "spearman_phrase", "runs_in_both", "mismatched_runs",
+           "spearman_test", "within_group_spearman", "holm", "spearman_interval", "spearman_phrase", "runs_in_both", "mismatched_runs",
            "sharpness_summary", "top_eigenvalues", "format_mean_std", "format_interval", "effects_display",
            "markdown_table", "runs_section", "accuracy_section", "sharpness_section", "worst_case_section",
            "expected_loss_section", "robustness_section", "against_lora", "against_lora_section", "within_method",
-           "within_method_section", "claim_section", "write_index", "HEADLINE_MEASURES", "MIN_RUNS", "CLAIM_PAIRS"]
+           "within_method_section", "claim_section", "write_index", "HEADLINE_MEASURES", "MIN_RUNS", "CLAIM_PAIRS",
+           "EXACT_SPEARMAN_MAX_N"]
 
 #: (measure, x) pairs the report tabulates: top eigenvalue, ΔL at σ = 0.05, worst case at ρ = 0.05, line at α = 1
 HEADLINE_MEASURES = (("eigenvalue", 1.0), ("expected_loss", 0.05), ("worst_case", 0.05), ("line", 1.0), ("trace", np.nan))
@@ -158,16 +160,15 @@ def within_group_spearman(frame: pd.DataFrame, x: str, y: str, *, by: Sequence[s
                           min_n: int = 3, drop_small: bool = False) -> pd.DataFrame:
     """Spearman's ρ of ``x`` against ``y`` within each group of ``by`` (never pooled over groups,
     where a difference between groups would pass for a correlation), its two-sided p
-    (``scipy.stats.spearmanr``) and that p Holm-adjusted over every group; groups with fewer than
+    (:func:`spearman_test`: exact for a group of a few seeds) and that p Holm-adjusted over every group; groups with fewer than
     ``min_n`` rows get NaN, or with ``drop_small`` are left out (neither counts in Holm's m)."""
     rows = []
     for key, g in frame.groupby(list(by), sort=False):
         if drop_small and len(g) < min_n:
             continue
         key = key if isinstance(key, tuple) else (key,)
-        test = stats.spearmanr(g[x], g[y]) if len(g) >= min_n else None
-        rows.append({**dict(zip(by, key)), "n": len(g), "rho": float(test.statistic) if test else np.nan,
-                     "p": float(test.pvalue) if test else np.nan})
+        rho, p = spearman_test(g[x], g[y]) if len(g) >= min_n else (np.nan, np.nan)
+        rows.append({**dict(zip(by, key)), "n": len(g), "rho": rho, "p": p})
     out = pd.DataFrame(rows, columns=[*by, "n", "rho", "p"])
     return out.assign(p_holm=holm(out["p"]))
 
@@ -193,15 +194,43 @@ def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         return (rx * ry).sum(axis=axis) / np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
 
 
+#: up to this many pairs :func:`spearman_test`'s p is exact (all n! = 40,320 pairings at most)
+EXACT_SPEARMAN_MAX_N = 8
+
+
+def spearman_test(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Spearman's ρ of paired samples and its two-sided p-value.
+
+    For n ≤ :data:`EXACT_SPEARMAN_MAX_N` pairs the p is exact: under independence every one of the n!
+    pairings of ``x`` with ``y`` is equally likely, and p = 2·min(P(ρ* ≥ ρ), P(ρ* ≤ ρ)) over them
+    (``scipy.stats.permutation_test``, ``permutation_type="pairings"``, ties ranked by their mean).
+    Above it, ``scipy.stats.spearmanr``'s t approximation, t = ρ·√((n − 2)/(1 − ρ²)) on n − 2
+    degrees of freedom — which for a few seeds is far off: five seeds ranked alike (ρ = 1) get
+    p ≈ 1e-24 from it, against the exact 2/5! = 0.0167, the smallest p five pairs can give.
+    A constant sample has no ranking: ρ and p are NaN."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    if n > EXACT_SPEARMAN_MAX_N:
+        test = stats.spearmanr(x, y)
+        return float(test.statistic), float(test.pvalue)
+    rho = float(_spearman(x, y))
+    if np.isnan(rho):
+        return np.nan, np.nan
+    # one sample permuted against y held fixed: the n! pairings (with both permuted, scipy would enumerate n!²)
+    test = stats.permutation_test((x,), lambda xs, axis: _spearman(xs, y, axis), permutation_type="pairings",
+                                  vectorized=True, n_resamples=np.inf, alternative="two-sided")
+    return rho, float(test.pvalue)
+
+
 def spearman_interval(x: Sequence[float], y: Sequence[float], *, seed: int = 0, n_resamples: int = 9999,
                       level: float = 0.95) -> dict:
-    """Spearman's ρ of paired samples, its two-sided p-value (``scipy.stats.spearmanr``) and a BCa
+    """Spearman's ρ of paired samples, its two-sided p-value (:func:`spearman_test`) and a BCa
     bootstrap interval (pairs resampled together, ``numpy.random.default_rng(seed)``)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    test = stats.spearmanr(x, y)
+    rho, p = spearman_test(x, y)
     ci = stats.bootstrap((x, y), _spearman, paired=True, vectorized=True, n_resamples=n_resamples,
                          confidence_level=level, method="BCa", rng=np.random.default_rng(seed)).confidence_interval
-    return {"n": len(x), "rho": float(test.statistic), "p": float(test.pvalue), "low": float(ci.low),
+    return {"n": len(x), "rho": rho, "p": p, "low": float(ci.low),
             "high": float(ci.high)}
 
 
