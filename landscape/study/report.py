@@ -437,7 +437,8 @@ def within_method_section(metrics: pd.DataFrame, probes: pd.DataFrame) -> str:
     if within.empty:
         return f"(no method has {MIN_RUNS} probed seeds yet)"
     return "\n".join([f"Spearman ρ of λ₁ against test accuracy across the seeds of each method with {MIN_RUNS} or "
-                      "more (within a method, never pooled; p_holm over every method × space shown):", "",
+                      f"more (within a method, never pooled; p exact over every pairing up to {EXACT_SPEARMAN_MAX_N} "
+                      "seeds; p_holm over every method × space shown):", "",
                       markdown_table(within, floatfmt=".3g")])
 
 

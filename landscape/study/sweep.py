@@ -46,8 +46,8 @@ from .exact import SETTINGS, ExactStudyError, Setting, run_path, train_runs
 from .figures import method_color, plain_log_axes
 from .noise_check import noise_gradient_effect
 from .pipeline import publish_run, run_fingerprint
-from .report import (MIN_RUNS, effects_display, markdown_table, paired_effects_table, paired_log_ratio, spearman_interval,
-                     spearman_phrase, within_group_spearman)
+from .report import (EXACT_SPEARMAN_MAX_N, MIN_RUNS, effects_display, markdown_table, paired_effects_table,
+                     paired_log_ratio, spearman_interval, spearman_phrase, within_group_spearman)
 from .suite import BALANCED, probe_spaces
 
 __all__ = ["SWEEP_SETTINGS", "own_space", "train_sweep", "noise_check", "measured_row", "sweep_table", "summarize", "choose", "paired_effects", "within_setting_correlations",
@@ -236,7 +236,7 @@ def _seeds_section(table: pd.DataFrame) -> list[str]:
     within = within_setting_correlations(table)
     if len(within):
         lines += ["", "Spearman ρ of λ₁ against test accuracy across the seeds of each setting (within a setting; "
-                      "Holm over every setting × space):", "", markdown_table(within, floatfmt=".3g")]
+                      f"p exact over every pairing up to {EXACT_SPEARMAN_MAX_N} seeds; Holm over every setting × space):", "", markdown_table(within, floatfmt=".3g")]
     return lines
 
 
