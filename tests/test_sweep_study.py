@@ -116,7 +116,7 @@ def test_paired_effects_match_scipy_paired_t_tests(swept):
         np.sort(p) * (len(p) - np.arange(len(p)))))[np.argsort(np.argsort(p))], rtol=1e-9)
 
 
-def test_within_setting_correlations_are_scipy_spearman_within_each_setting():
+def test_within_setting_correlations_are_spearman_within_each_setting():
     from scipy import stats
 
     from landscape.study.report import spearman_test

@@ -36,7 +36,8 @@ import pandas as pd
 from scipy import stats
 
 __all__ = ["collect_metrics", "mean_std", "paired_log_ratio", "paired_differences", "paired_effects_table",
-           "spearman_test", "within_group_spearman", "holm", "spearman_interval", "spearman_phrase", "runs_in_both", "mismatched_runs",
+           "spearman_test", "within_group_spearman", "holm", "spearman_interval", "spearman_phrase", "runs_in_both",
+           "mismatched_runs",
            "sharpness_summary", "top_eigenvalues", "format_mean_std", "format_interval", "effects_display",
            "markdown_table", "runs_section", "accuracy_section", "sharpness_section", "worst_case_section",
            "expected_loss_section", "robustness_section", "against_lora", "against_lora_section", "within_method",
@@ -160,8 +161,9 @@ def within_group_spearman(frame: pd.DataFrame, x: str, y: str, *, by: Sequence[s
                           min_n: int = 3, drop_small: bool = False) -> pd.DataFrame:
     """Spearman's ρ of ``x`` against ``y`` within each group of ``by`` (never pooled over groups,
     where a difference between groups would pass for a correlation), its two-sided p
-    (:func:`spearman_test`: exact for a group of a few seeds) and that p Holm-adjusted over every group; groups with fewer than
-    ``min_n`` rows get NaN, or with ``drop_small`` are left out (neither counts in Holm's m)."""
+    (:func:`spearman_test`: exact for a group of a few seeds) and that p Holm-adjusted over every
+    group; groups with fewer than ``min_n`` rows get NaN, or with ``drop_small`` are left out
+    (neither counts in Holm's m)."""
     rows = []
     for key, g in frame.groupby(list(by), sort=False):
         if drop_small and len(g) < min_n:
@@ -230,8 +232,7 @@ def spearman_interval(x: Sequence[float], y: Sequence[float], *, seed: int = 0, 
     rho, p = spearman_test(x, y)
     ci = stats.bootstrap((x, y), _spearman, paired=True, vectorized=True, n_resamples=n_resamples,
                          confidence_level=level, method="BCa", rng=np.random.default_rng(seed)).confidence_interval
-    return {"n": len(x), "rho": rho, "p": p, "low": float(ci.low),
-            "high": float(ci.high)}
+    return {"n": len(x), "rho": rho, "p": p, "low": float(ci.low), "high": float(ci.high)}
 
 
 def spearman_phrase(r: dict) -> str:

@@ -236,7 +236,8 @@ def _seeds_section(table: pd.DataFrame) -> list[str]:
     within = within_setting_correlations(table)
     if len(within):
         lines += ["", "Spearman ρ of λ₁ against test accuracy across the seeds of each setting (within a setting; "
-                      f"p exact over every pairing up to {EXACT_SPEARMAN_MAX_N} seeds; Holm over every setting × space):", "", markdown_table(within, floatfmt=".3g")]
+                      f"p exact over every pairing up to {EXACT_SPEARMAN_MAX_N} seeds; Holm over every setting × space):",
+                  "", markdown_table(within, floatfmt=".3g")]
     return lines
 
 
