@@ -17,7 +17,9 @@ Stages (each resumable — finished runs and probe results are reused):
 
 1. ``train``  — ``flatlora.run`` for each task × method × seed into OUT/TASK/METHOD-sSEED/, each
    finished LoRA-family run then copied (config, metrics, predictions, adapter: a few MB) to its
-   unit RESULTS/TASK/units/METHOD-sSEED/, which every later stage reads;
+   unit RESULTS/TASK/units/METHOD-sSEED/, which every later stage reads; a full fine-tuning run's
+   unit is a record (the same files, its weights as the digest model.sha1): its committed parts
+   serve the report on any machine, and probing it again means training it again;
 2. ``probe``  — ``analysis_scripts/probe.py``'s suite on every run → RESULTS/TASK/probes.csv (one part
    per run in RESULTS/TASK/probe-parts/, keyed by the run's name and the content hashes of its files);
 3. ``robust`` — accuracy under seeded text corruptions → RESULTS/TASK/robustness.csv;
@@ -51,7 +53,8 @@ from pathlib import Path
 
 from flatlora.cli import ArgumentParser, fail
 from flatlora import distributed
-from landscape.study.pipeline import DEFAULT_METHODS, STAGES, Recipe, StudySettingsError, run_study
+from landscape.study.pipeline import (DEFAULT_METHODS, STAGES, Recipe, RecordWithoutWeightsError, StudySettingsError,
+                                     run_study)
 from landscape.study.report import write_index
 from landscape.study.suite import ProbeSettings
 
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
                   steps=steps, stages=a.stage, settings=ProbeSettings.from_arguments(a), split=a.split,
                   examples=a.examples, batch_size=a.batch_size, robust_examples=a.robust_examples,
                   progress=not a.no_progress, command=command, recipe=recipe)
-    except StudySettingsError as e:
+    except (StudySettingsError, RecordWithoutWeightsError) as e:
         fail(str(e))
     if "report" in a.stage and distributed.is_main():
         print(f"index: {write_index(Path(a.results).parent)}")

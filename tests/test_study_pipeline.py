@@ -3,6 +3,7 @@ import runpy
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from flatlora import METHODS
 
@@ -60,7 +61,6 @@ def test_a_finished_run_trained_otherwise_is_refused_not_reused(tmp_path, shared
     args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--tasks", "digits-mlp",
             "--methods", "lora", "--seeds", "0", "--steps", "digits-mlp=4", "--stage", "train", "--no-progress"]
     assert mismatch_study["main"](args) == 0
-    import pytest
 
     with pytest.raises(SystemExit) as e:
         mismatch_study["main"](args + ["--lr", "0.05"])
@@ -70,8 +70,6 @@ def test_a_finished_run_trained_otherwise_is_refused_not_reused(tmp_path, shared
 def test_a_new_machine_continues_from_the_committed_results(tmp_path, shared_digits_pretraining, monkeypatch):
     """RESULTS alone (committed) carries the study: each LoRA-family run is a loadable unit in
     RESULTS/TASK/units/, and with a fresh --out nothing is trained or probed again."""
-    import pytest
-
     from flatlora import load_run
     from landscape.study import pipeline
 
@@ -90,3 +88,52 @@ def test_a_new_machine_continues_from_the_committed_results(tmp_path, shared_dig
     assert mismatch_study["main"](["--out", str(tmp_path / "new-machine"), *common]) == 0
     assert not (tmp_path / "new-machine").exists()
     assert (tmp_path / "results" / "digits-mlp" / "probes.csv").read_text() == probes
+
+
+@pytest.fixture
+def full_ft_study(tmp_path, shared_digits_pretraining):
+    """Full fine-tuning on digits-mlp, seed 0, trained, probed and reported into tmp_path → its CLI arguments
+    without --out (RESULTS and figures in tmp_path)."""
+    common = ["--results", str(tmp_path / "results"), "--figures", str(tmp_path / "fig"), "--tasks", "digits-mlp",
+              "--methods", "full-ft", "--seeds", "0", "--steps", "digits-mlp=4", "--examples", "16",
+              "--spaces", "merged", "--no-progress"]
+    assert mismatch_study["main"](["--out", str(tmp_path / "runs"), *common]) == 0
+    return common
+
+
+def test_a_full_fine_tuning_run_is_committed_as_a_record_with_its_own_fingerprint(tmp_path, full_ft_study):
+    from landscape.study.pipeline import WEIGHTS_DIGEST, is_record, run_fingerprint
+
+    unit = tmp_path / "results" / "digits-mlp" / "units" / "full-ft-s0"
+    local = tmp_path / "runs" / "digits-mlp" / "full-ft-s0"
+    assert is_record(unit) and not (unit / "model").exists() and (local / "model").is_dir()
+    assert (unit / WEIGHTS_DIGEST).stat().st_size < 100
+    assert run_fingerprint(unit) == run_fingerprint(local)  # its committed parts are the trained run's
+
+
+def test_a_new_machine_reports_full_fine_tuning_from_its_record(tmp_path, full_ft_study, monkeypatch):
+    from landscape.study import pipeline
+
+    for name in ("run", "probe_model", "corruption_accuracy"):
+        monkeypatch.setattr(pipeline, name, lambda *a, name=name, **k: pytest.fail(f"{name} ran again"))
+    assert mismatch_study["main"](["--out", str(tmp_path / "new-machine"), *full_ft_study]) == 0
+    metrics = pd.read_csv(tmp_path / "results" / "digits-mlp" / "metrics.csv")
+    assert list(metrics["method"]) == ["full-ft"]
+
+
+def test_a_record_whose_probe_part_is_stale_asks_for_training_before_any_work(tmp_path, full_ft_study, capsys):
+    """Other probe settings on a new machine: the record cannot be probed, and nothing is written."""
+    before = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+    args = ["--out", str(tmp_path / "new-machine"), *full_ft_study, "--examples", "8", "--stage", "probe"]
+    with pytest.raises(SystemExit) as e:
+        mismatch_study["main"](args)
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "full-ft-s0" in err and "train them again" in err
+    assert before == {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+
+
+def test_loading_a_record_names_the_missing_weights(tmp_path, full_ft_study):
+    from flatlora import load_run
+
+    with pytest.raises(FileNotFoundError, match=r"model/ is missing.*train the run again"):
+        load_run(tmp_path / "results" / "digits-mlp" / "units" / "full-ft-s0")

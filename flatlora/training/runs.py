@@ -359,9 +359,14 @@ def load_run(out: str | os.PathLike, *, task: Optional[Task] = None) -> tuple[nn
     if not (out / "metrics.json").exists():
         raise FileNotFoundError(f"{out} holds no finished run (no metrics.json); train it with analysis_scripts/train.py")
     cfg = read_json(out / "config.json")
+    uses_lora = get_method(cfg["method"]).uses_lora
+    weights = out / ("adapter" if uses_lora else "model")
+    if not weights.is_dir():
+        raise FileNotFoundError(f"{out} holds a finished run's record but not its weights ({weights.name}/ is missing; "
+                                "a study commits full fine-tuning runs without them): train the run again to load it")
     task = task or get_task(cfg["task"], **cfg.get("task_options", {}))
     with seeded(cfg["seed"]):
-        model = _load_model(task, out, uses_lora=get_method(cfg["method"]).uses_lora)
+        model = _load_model(task, out, uses_lora=uses_lora)
     return model.eval(), task, cfg
 
 

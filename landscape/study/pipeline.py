@@ -7,8 +7,8 @@ the scripts in ``analysis_scripts/`` call.
   a part is reused only for the same run, trained the same way, probed the same way;
 * :func:`task_figures` — every figure that a task's result tables allow;
 * :func:`run_study` — train → probe → robustness → report, each stage resumable. Each finished
-  LoRA-family run is published (:func:`publish_run`) as a committed unit RESULTS/TASK/units/METHOD-sSEED/
-  and its probe and robustness parts live in RESULTS, keyed by the run's name and fingerprinted by
+  run is published (:func:`publish_run`) as a committed unit RESULTS/TASK/units/METHOD-sSEED/ (a full
+  fine-tuning run as a record: its weights only as a digest) and its probe and robustness parts live in RESULTS, keyed by the run's name and fingerprinted by
   its content: committed as it grows, RESULTS carries a long study from one machine to the next.
 
 Under ``torchrun`` every rank calls these alike: training is data-parallel, each probe's work is
@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 from torch import nn
 
-from flatlora import TrainConfig, distributed, get_method, get_task, load_run, run
+from flatlora import TrainConfig, distributed, get_task, load_run, run
 from flatlora.io import atomic_dir, atomic_write_json, atomic_write_text, read_json
 from flatlora.training import RunExistsError
 
@@ -45,7 +45,7 @@ from .report import (accuracy_section, against_lora_section, claim_section, coll
 from .robustness import accuracy_drop, corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "WEIGHTS_DIGEST", "is_record", "RecordWithoutWeightsError", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -57,11 +57,41 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
+WEIGHTS_DIGEST = "model.sha1"
+"""The file in a published full fine-tuning run that stands for its weights: their :func:`file_digest`."""
+
+
 def run_fingerprint(run_path: Path) -> dict:
-    """Content hashes of what a finished run holds: its settings, metrics and trained weights."""
-    weights = run_path / "adapter" if (run_path / "adapter").exists() else run_path / "model"
-    return {name: file_digest(path) for name, path in
-            (("config", run_path / "config.json"), ("metrics", run_path / "metrics.json"), ("weights", weights))}
+    """Content hashes of what a finished run holds: its settings, metrics and trained weights (for
+    a published full fine-tuning run, the digest its :data:`WEIGHTS_DIGEST` keeps: the same hash)."""
+    run_path = Path(run_path)
+    if (run_path / "adapter").exists() or (run_path / "model").exists():
+        weights = file_digest(run_path / ("adapter" if (run_path / "adapter").exists() else "model"))
+    else:
+        weights = (run_path / WEIGHTS_DIGEST).read_text().strip()
+    return {"config": file_digest(run_path / "config.json"), "metrics": file_digest(run_path / "metrics.json"),
+            "weights": weights}
+
+
+def is_record(run_path: Path) -> bool:
+    """A published full fine-tuning run: its settings, metrics and predictions, its weights only as a digest."""
+    return (Path(run_path) / WEIGHTS_DIGEST).exists() and not (Path(run_path) / "model").exists()
+
+
+class RecordWithoutWeightsError(FileNotFoundError):
+    """A stage needs the weights of runs committed only as records (:func:`is_record`)."""
+
+
+def require_weights(records: Sequence[Path], stage: str) -> None:
+    """Before any work: :class:`RecordWithoutWeightsError` naming ``records`` (runs whose ``stage``
+    part is missing or was made otherwise, and whose weights are not here), and the fix."""
+    if records:
+        names = ", ".join(str(r) for r in records)
+        raise RecordWithoutWeightsError(
+            f"the {stage} stage needs the weights of {names}, committed as records without them (full "
+            f"fine-tuning; {WEIGHTS_DIGEST} keeps their digest) and with no {stage} part made with these files "
+            "and settings: train them again (--stage train with an --out that does not hold them), or leave "
+            "their method out of --methods")
 
 
 PORTABLE_RUN_FILES = ("config.json", "metrics.json", "labels.json", "predictions.json", "adapter")
@@ -72,13 +102,18 @@ def publish_run(run_path: Path, dest: Path) -> None:
     settings, metrics, labels, test predictions and peft adapter, a few MB; not a checkpoint) into
     ``dest``, replacing what was there only once the copy is whole. ``dest`` is then itself a run
     folder that :func:`flatlora.load_run` reads on any machine (its base-model path made relative,
-    :func:`relative_base_model`): a study commits these so that its work survives a new machine. A run without an adapter
-    (full fine-tuning: its whole model) is refused: its weights are no small output."""
+    :func:`relative_base_model`): a study commits these so that its work survives a new machine.
+
+    A full fine-tuning run (``model/``, the whole network: no small output) is published as a
+    *record* (:func:`is_record`): the same files, and in place of its weights their digest
+    (:data:`WEIGHTS_DIGEST`), so that :func:`run_fingerprint` is the run's own and its committed
+    probe parts keep serving the report; probing it again needs the weights, i.e. training again."""
     run_path = Path(run_path)
     if not (run_path / "metrics.json").exists():
         raise FileNotFoundError(f"{run_path} holds no finished run (no metrics.json): nothing to publish")
-    if not (run_path / "adapter").is_dir():
-        raise ValueError(f"{run_path} has no adapter/ (a full fine-tuning run?): only LoRA-family runs are published")
+    lora = (run_path / "adapter").is_dir()
+    if not lora and not (run_path / "model").is_dir():
+        raise FileNotFoundError(f"{run_path} has neither adapter/ nor model/: its trained weights are missing")
     with atomic_dir(dest) as tmp:
         for name in PORTABLE_RUN_FILES:
             src = run_path / name
@@ -86,7 +121,10 @@ def publish_run(run_path: Path, dest: Path) -> None:
                 shutil.copytree(src, tmp / name)
             elif src.exists():
                 shutil.copy2(src, tmp / name)
-        relative_base_model(tmp / "adapter", Path(dest) / "adapter")
+        if lora:
+            relative_base_model(tmp / "adapter", Path(dest) / "adapter")
+        else:
+            (tmp / WEIGHTS_DIGEST).write_text(file_digest(run_path / "model") + "\n")
 
 
 def relative_base_model(adapter: Path, final: Path) -> None:
@@ -127,6 +165,14 @@ class ProbeTarget:
     load: Callable[[], tuple[nn.Module, Loss, dict, Optional[Sequence[str]]]]
     key: Optional[str] = None
 
+    def fingerprint(self, settings: ProbeSettings, data: dict) -> dict:
+        """What its part is reused for: its files (and its path, without a ``key``), the suite's settings, ``data``."""
+        where = {"path": str(self.path.resolve())} if self.key is None else {}
+        return {**where, "files": self.files, "settings": settings.as_dict(), **data}
+
+    def part_key(self) -> str:
+        return self.key or _part_key(self.path)
+
 
 def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSettings, data: dict,
                   progress: bool = False, parts: Optional[Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -139,10 +185,10 @@ def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSett
     are those it was made with; otherwise it is probed again and its part replaced."""
     out = Path(out)
     parts = PartFiles(parts or out.with_name(out.name + ".parts"), names=("measures", "curves"))
+    require_weights([t.path for t in targets if is_record(t.path)
+                     and not parts.reusable(t.part_key(), t.fingerprint(settings, data))], "probe")
     measures, curves = [], []
     for target in targets:
-        where = {"path": str(target.path.resolve())} if target.key is None else {}
-        fingerprint = {**where, "files": target.files, "settings": settings.as_dict(), **data}
 
         def compute(target=target) -> dict[str, pd.DataFrame]:
             model, loss, tags, lora_targets = target.load()
@@ -153,7 +199,7 @@ def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSett
                                progress=progress and distributed.is_main())
             return {"measures": m.assign(**tags), "curves": c.assign(**tags)}
 
-        tables = parts.get(target.key or _part_key(target.path), fingerprint, compute)
+        tables = parts.get(target.part_key(), target.fingerprint(settings, data), compute)
         rel = _relative(target.path, out.parent)
         measures.append(tables["measures"].assign(run=rel))
         curves.append(tables["curves"].assign(run=rel))
@@ -322,23 +368,22 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
 
 
 def unit_dir(results: Path, task: str, method: str, seed: int) -> Path:
-    """Where a study's finished LoRA-family run is committed (:func:`publish_run`): RESULTS/TASK/units/METHOD-sSEED."""
+    """Where a study's finished run is committed (:func:`publish_run`): RESULTS/TASK/units/METHOD-sSEED."""
     return Path(results) / task / "units" / f"{method}-s{seed}"
 
 
 def run_source(out: Path, results: Path, task: str, method: str, seed: int) -> Optional[Path]:
-    """The finished run of TASK × METHOD × SEED: its committed unit in RESULTS when there is one (the
-    same files on every machine), else OUT/TASK/METHOD-sSEED when it finished here (full fine-tuning,
-    whose weights are not committed), else None."""
-    for d in (unit_dir(results, task, method, seed), run_dir(out, task, method, seed)):
-        if (d / "metrics.json").exists():
-            return d
-    return None
+    """The finished run of TASK × METHOD × SEED: its committed unit in RESULTS when it holds its weights
+    (the same files on every machine), else OUT/TASK/METHOD-sSEED when it finished here, else the
+    unit as a record (:func:`is_record`: full fine-tuning, whose weights are not committed), else None."""
+    finished = [d for d in (unit_dir(results, task, method, seed), run_dir(out, task, method, seed))
+                if (d / "metrics.json").exists()]
+    return next((d for d in finished if not is_record(d)), finished[0] if finished else None)
 
 
-def _publish(run_path: Path, unit: Path, method: str) -> None:
-    """Commit-ready copy of a finished LoRA-family run (rank 0), unless it is read from its unit already."""
-    if distributed.is_main() and get_method(method).uses_lora and run_path != unit:
+def _publish(run_path: Path, unit: Path) -> None:
+    """Commit-ready copy of a finished run (rank 0), unless it is read from its unit already."""
+    if distributed.is_main() and run_path != unit:
         publish_run(run_path, unit)
 
 
@@ -379,7 +424,7 @@ class Recipe:
 def train_all(out: Path, results: Path, tasks, methods, seeds, steps: dict, progress: bool,
               recipe: Recipe = Recipe()) -> None:
     """Train every task × method × seed that has no finished run (:func:`run_source`; an interrupted one
-    resumes), and publish each finished LoRA-family run as its unit in RESULTS (commit it: a new
+    resumes), and publish each finished run as its unit in RESULTS (commit it: a new
     machine goes on from there). A finished run trained with other settings is a
     :class:`StudySettingsError`: it would be reused as if it were this study's."""
     for task in tasks:  # method-major: every seed of the first methods before the next method
@@ -400,7 +445,7 @@ def train_all(out: Path, results: Path, tasks, methods, seeds, steps: dict, prog
                             progress=progress)
                     except RunExistsError as e:  # an interrupted run with other settings
                         raise StudySettingsError(f"{e}; or delete {d}, or pass another --out") from None
-                _publish(d, unit_dir(results, task, method, seed), method)
+                _publish(d, unit_dir(results, task, method, seed))
 
 
 def finished_runs(out: Path, results: Path, task: str, methods, seeds) -> list[Path]:
@@ -434,6 +479,8 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
 def robust_all(results: Path, task: str, runs: list[Path], limit: int) -> None:
     """Accuracy under corruptions, one part per run (under torchrun: the runs split across ranks)."""
     parts = PartFiles(results / task / "robust-parts", names=("robustness",))
+    fingerprint = {d: {"files": run_fingerprint(d), "limit": limit} for d in runs}
+    require_weights([d for d in runs if is_record(d) and not parts.reusable(d.name, fingerprint[d])], "robust")
     for d in distributed.shard(runs):
         def compute(d=d) -> dict[str, pd.DataFrame]:
             model, t, cfg = load_run(d)
@@ -441,7 +488,7 @@ def robust_all(results: Path, task: str, runs: list[Path], limit: int) -> None:
             frame = corruption_accuracy(model, t, limit=limit)
             return {"robustness": frame.assign(task=task, method=cfg["method"], seed=cfg["seed"])}
 
-        parts.get(d.name, {"files": run_fingerprint(d), "limit": limit}, compute, collective=False)
+        parts.get(d.name, fingerprint[d], compute, collective=False)
     distributed.barrier()
     if distributed.is_main():
         robust = pd.concat([parts.read(d.name)["robustness"] for d in runs], ignore_index=True)
@@ -526,7 +573,7 @@ def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], 
               examples: int, batch_size: int, robust_examples: int, progress: bool, command: str,
               recipe: Recipe = Recipe()) -> None:
     """The stages in order (each skips what is already done): ``train`` every task × method × seed
-    into OUT/TASK/METHOD-sSEED/ and publish each LoRA-family run to RESULTS/TASK/units/METHOD-sSEED/,
+    into OUT/TASK/METHOD-sSEED/ and publish each run to RESULTS/TASK/units/METHOD-sSEED/,
     ``probe`` them (RESULTS/TASK/probes.csv, planes.csv; parts in RESULTS/TASK/probe-parts/ and
     plane-parts/), ``robust`` (RESULTS/TASK/robustness.csv; parts in robust-parts/), ``report``
     (figures and RESULTS/report.md). Every stage reads a run from its committed unit when there is
