@@ -8,8 +8,8 @@ the scripts in ``analysis_scripts/`` call.
 * :func:`task_figures` — every figure that a task's result tables allow;
 * :func:`run_study` — train → probe → robustness → report, each stage resumable. Each finished
   run is published (:func:`publish_run`) as a committed unit RESULTS/TASK/units/METHOD-sSEED/ (a full
-  fine-tuning run as a record: its weights only as a digest) and its probe and robustness parts live in RESULTS, keyed by the run's name and fingerprinted by
-  its content: committed as it grows, RESULTS carries a long study from one machine to the next.
+  fine-tuning run as a record: its weights only as a digest) and its probe and robustness parts live
+  in RESULTS, keyed by the run's name and fingerprinted by its content: committed as it grows, RESULTS carries a long study from one machine to the next.
 
 Under ``torchrun`` every rank calls these alike: training is data-parallel, each probe's work is
 split over the ranks, the robustness runs are split across them; rank 0 writes the shared files.
@@ -65,10 +65,8 @@ def run_fingerprint(run_path: Path) -> dict:
     """Content hashes of what a finished run holds: its settings, metrics and trained weights (for
     a published full fine-tuning run, the digest its :data:`WEIGHTS_DIGEST` keeps: the same hash)."""
     run_path = Path(run_path)
-    if (run_path / "adapter").exists() or (run_path / "model").exists():
-        weights = file_digest(run_path / ("adapter" if (run_path / "adapter").exists() else "model"))
-    else:
-        weights = (run_path / WEIGHTS_DIGEST).read_text().strip()
+    saved = next((run_path / n for n in ("adapter", "model") if (run_path / n).exists()), None)
+    weights = file_digest(saved) if saved else (run_path / WEIGHTS_DIGEST).read_text().strip()
     return {"config": file_digest(run_path / "config.json"), "metrics": file_digest(run_path / "metrics.json"),
             "weights": weights}
 
@@ -189,7 +187,6 @@ def probe_targets(targets: Sequence[ProbeTarget], out: Path, settings: ProbeSett
                      and not parts.reusable(t.part_key(), t.fingerprint(settings, data))], "probe")
     measures, curves = [], []
     for target in targets:
-
         def compute(target=target) -> dict[str, pd.DataFrame]:
             model, loss, tags, lora_targets = target.load()
             ranks = distributed.world_size()
