@@ -151,6 +151,22 @@ def test_the_exact_digits_accuracy_tests_recomputed_with_scipy():
 
 LONG = ROOT / "results" / "study" / "minilm" / "report.md"
 LONG_SECTION = "### MiniLM: the long runs"
+LONG_TASKS = ("rt-minilm", "r8-minilm")
+
+
+def _report_section(task: str) -> str:
+    """The part of the long-run report about ``task``: from its ``## TASK`` heading to the next."""
+    report = LONG.read_text(encoding="utf-8")
+    section = report[report.index(f"\n## {task}\n"):]
+    return section[: section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
+
+
+def _probed_eigenvalues():
+    """(task, its committed λ₁ rows) for every long-run task that has been probed."""
+    for task in LONG_TASKS:
+        if (LONG.parent / task / "probes.csv").exists():
+            probes = pd.read_csv(LONG.parent / task / "probes.csv")
+            yield task, probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1.0)]
 
 
 def test_readme_quotes_the_long_runs_report_as_it_is():
@@ -169,21 +185,20 @@ def test_every_decimal_in_the_long_runs_prose_is_in_its_report():
 
 def test_the_long_runs_ratios_recomputed_from_the_committed_probes():
     """Each method's λ₁ ÷ LoRA's in each space, exp(mean over seeds of log(method ÷ LoRA)) computed
-    here from the committed probes.csv, is the estimate the report's paired table states."""
+    here from each probed task's committed probes.csv, is the estimate that task's paired table states."""
     import numpy as np
 
-    probes = pd.read_csv(LONG.parent / "rt-minilm" / "probes.csv")
-    eig = probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1.0)]
-    wide = eig.pivot_table(index=["space", "seed"], columns="method", values="value")
-    text = LONG.read_text(encoding="utf-8")
     checked = 0
-    for space in eig["space"].unique():
-        for method in [m for m in wide.columns if m != "lora"]:
-            pairs = (wide.loc[space, method] / wide.loc[space, "lora"]).dropna()  # seeds both methods have
-            ratio = float(np.exp(np.mean(np.log(pairs))))
-            assert f"| λ₁ ({space}) ÷ LoRA's | {method} | {len(pairs)} | {ratio:.3g} [" in text
-            checked += 1
-    assert checked >= 12
+    for task, eig in _probed_eigenvalues():
+        wide = eig.pivot_table(index=["space", "seed"], columns="method", values="value")
+        text = _report_section(task)
+        for space in eig["space"].unique():
+            for method in [m for m in wide.columns if m != "lora"]:
+                pairs = (wide.loc[space, method] / wide.loc[space, "lora"]).dropna()  # seeds both have
+                ratio = float(np.exp(np.mean(np.log(pairs))))
+                assert f"| λ₁ ({space}) ÷ LoRA's | {method} | {len(pairs)} | {ratio:.3g} [" in text, (task, space)
+                checked += 1
+    assert checked >= 16
 
 
 def test_the_long_runs_paired_accuracy_p_recomputed_with_scipy():
@@ -192,16 +207,13 @@ def test_the_long_runs_paired_accuracy_p_recomputed_with_scipy():
     with two seeds or more)."""
     from scipy import stats
 
-    report = LONG.read_text(encoding="utf-8")
     checked = 0
-    for task in ("rt-minilm", "r8-minilm"):
+    for task in LONG_TASKS:
         if not (LONG.parent / task / "metrics.csv").exists():
             continue
         metrics = pd.read_csv(LONG.parent / task / "metrics.csv")
         acc = metrics.pivot(index="seed", columns="method", values="accuracy")
-        section = report[report.index(f"\n## {task}\n"):]
-        section = section[: section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
-        rows = {line.split(" | ")[1]: line.split(" | ") for line in section.splitlines()
+        rows = {line.split(" | ")[1]: line.split(" | ") for line in _report_section(task).splitlines()
                 if line.startswith("| test accuracy − LoRA's |")}
         for method in [m for m in acc.columns if m != "lora"]:
             both = acc[[method, "lora"]].dropna()
@@ -214,15 +226,18 @@ def test_the_long_runs_paired_accuracy_p_recomputed_with_scipy():
 
 
 def test_the_long_runs_claim_correlation_recomputed_with_scipy():
-    """λ₁ in the balanced LoRA space against λ₁ in the merged space across the probed runs:
-    scipy's Spearman ρ and p on the committed probes.csv are the report's."""
+    """λ₁ in the balanced LoRA space against λ₁ in the merged space across the probed runs of each
+    task: scipy's Spearman ρ and p on that task's committed probes.csv are its section's."""
     from scipy import stats
 
-    probes = pd.read_csv(LONG.parent / "rt-minilm" / "probes.csv")
-    eig = probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1.0)]
-    wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value")[["lora-balanced", "merged"]].dropna()
-    test = stats.spearmanr(wide["lora-balanced"], wide["merged"])
-    stated = (f"λ₁ (lora-balanced) against λ₁ (merged) across the {len(wide)} runs that have both: "
-              f"Spearman ρ = {test.statistic:.3g} ")
-    line = next(line for line in LONG.read_text(encoding="utf-8").splitlines() if stated in line)
-    assert line.endswith(f"p = {test.pvalue:.2g}.")
+    checked = 0
+    for task, eig in _probed_eigenvalues():
+        wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value")
+        wide = wide[["lora-balanced", "merged"]].dropna()
+        test = stats.spearmanr(wide["lora-balanced"], wide["merged"])
+        stated = (f"λ₁ (lora-balanced) against λ₁ (merged) across the {len(wide)} runs that have both: "
+                  f"Spearman ρ = {test.statistic:.3g} ")
+        line = next(line for line in _report_section(task).splitlines() if stated in line)
+        assert line.endswith(f"p = {test.pvalue:.2g}."), task
+        checked += 1
+    assert checked >= 2
