@@ -9,7 +9,8 @@ the scripts in ``analysis_scripts/`` call.
 * :func:`run_study` — train → probe → robustness → report, each stage resumable. Each finished
   run is published (:func:`publish_run`) as a committed unit RESULTS/TASK/units/METHOD-sSEED/ (a full
   fine-tuning run as a record: its weights only as a digest) and its probe and robustness parts live
-  in RESULTS, keyed by the run's name and fingerprinted by its content: committed as it grows, RESULTS carries a long study from one machine to the next.
+  in RESULTS, keyed by the run's name and fingerprinted by its content: committed as it grows,
+  RESULTS carries a long study from one machine to the next.
 
 Under ``torchrun`` every rank calls these alike: training is data-parallel, each probe's work is
 split over the ranks, the robustness runs are split across them; rank 0 writes the shared files.
