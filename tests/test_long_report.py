@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from landscape.study.report import (MIN_RUNS, accuracy_section, against_lora, against_lora_section, claim_section,
-                                    expected_loss_section, holm, paired_effects_table, runs_section, sharpness_section,
-                                    within_method, within_method_section, worst_case_section)
+from landscape.study.report import (MIN_RUNS, accuracy_section, against_lora, claim_contrast, claim_section,
+                                    expected_loss_section, holm, paired_effects_table, paired_tests_sections, runs_section,
+                                    sharpness_section, within_method, within_method_section, worst_case_section)
 
 T975 = {2: stats.t.ppf(0.975, 2)}  # the Student-t quantile of a 95 % interval over 3 pairs
 
@@ -75,6 +75,58 @@ def test_robustness_drops_are_paired_differences():
     assert row["difference"] == pytest.approx(-0.07, rel=1e-12)
 
 
+def sam_pair_probes(balanced_ratio: float = 1.0, merged_ratio: float = 4.0) -> pd.DataFrame:
+    """SAM on A, B and SAM on W over three seeds, with LoRA: per seed SAM on A, B's λ₁ is SAM on W's
+    × ratio × (e^0.1, 1, e^−0.1) in the balanced space and × ratio exactly in the merged one."""
+    w_bal, w_mer = [2.0, 3.0, 5.0], [7.0, 11.0, 13.0]
+    wiggle = np.exp([0.1, 0.0, -0.1])
+    return eigen_frame({("lora", "lora-balanced"): [4.0] * 3, ("lora", "merged"): [20.0] * 3,
+                        ("sam-full", "lora-balanced"): w_bal, ("sam-full", "merged"): w_mer,
+                        ("sam-lora", "lora-balanced"): list(balanced_ratio * np.array(w_bal) * wiggle),
+                        ("sam-lora", "merged"): list(merged_ratio * np.array(w_mer))})
+
+
+def test_the_claim_contrast_is_sam_on_a_b_over_sam_on_w_per_space_and_their_gap():
+    """Balanced ratio 1 (× the wiggle, mean log 0), merged ratio 4: the gap ratio is 1/4 per seed
+    × the wiggle, so its geometric mean is 0.25 with the wiggle's t interval."""
+    effects = claim_contrast(sam_pair_probes()).set_index("effect")
+    assert set(effects["method"]) == {"sam-lora"} and (effects["pairs"] == 3).all()
+    assert effects.loc["λ₁ (lora-balanced) ÷ sam-full's", "difference"] == pytest.approx(1.0, rel=1e-12)
+    assert effects.loc["λ₁ (merged) ÷ sam-full's", "difference"] == pytest.approx(4.0, rel=1e-12)
+    gap = effects.loc["[λ₁ (lora-balanced) ÷ λ₁ (merged)] ÷ sam-full's"]
+    half = T975[2] * 0.1 / np.sqrt(3)
+    assert gap["difference"] == pytest.approx(0.25, rel=1e-12)
+    assert (gap["low"], gap["high"]) == (pytest.approx(0.25 * np.exp(-half), rel=1e-9),
+                                         pytest.approx(0.25 * np.exp(half), rel=1e-9))
+    assert gap["p"] == pytest.approx(stats.ttest_1samp(np.log(0.25) + np.array([0.1, 0.0, -0.1]), 0).pvalue, rel=1e-9)
+
+
+def test_the_claim_contrast_joins_the_tasks_holm_family():
+    """Against LoRA: accuracy, F1, λ₁ × 2 spaces for two methods (8 rows, F1 and accuracy without a
+    spread so without p); the contrast 3 rows: one family of the rows with a p."""
+    rng = np.random.default_rng(1)
+    metrics = metrics_frame({m: list(0.8 + rng.normal(0, 0.01, 3)) for m in ("lora", "sam-lora", "sam-full")})
+    probes = sam_pair_probes(merged_ratio=4.0)
+    text = "\n".join(paired_tests_sections(metrics, probes))
+    contrast = claim_contrast(probes)
+    ps = pd.concat([against_lora(metrics, probes)["p"], contrast["p"]], ignore_index=True)
+    family = holm(ps)
+    gap_p = family[len(ps) - 1]
+    assert "### The claim's direct test: sam-lora against sam-full, paired by seed" in text
+    assert f"{ps.notna().sum()} of its {len(ps)} comparisons have a p." in text
+    gap_row = next(line for line in text.split("The claim's direct test")[1].splitlines()
+                   if line.startswith("| [λ₁ (lora-balanced) ÷ λ₁ (merged)]"))
+    assert gap_row.endswith(f"| {gap_p:.3g} |")
+    assert gap_p > contrast["p_holm"].iloc[-1]  # the larger family adjusts more
+
+
+def test_without_both_sam_methods_there_is_no_contrast_section():
+    probes = eigen_frame({(m, "merged"): [1.0, 2.0] for m in ("lora", "sam-lora")})
+    assert claim_contrast(probes).empty and claim_contrast(None).empty
+    assert "The claim's direct test" not in "\n".join(paired_tests_sections(metrics_frame({"lora": [0.8] * 2,
+                                                                                         "sam-lora": [0.8] * 2}), probes))
+
+
 def test_log_effects_leave_out_runs_without_a_positive_value():
     frame = pd.DataFrame({"setting": ["lora"] * 3 + ["a"] * 3, "seed": [0, 1, 2] * 2,
                           "lam": [1.0, 2.0, 4.0, 2.0, -1.0, 16.0]})
@@ -84,7 +136,7 @@ def test_log_effects_leave_out_runs_without_a_positive_value():
 
 def test_one_seed_shows_the_estimate_and_dashes_for_interval_and_p():
     probes = eigen_frame({("lora", "merged"): [4.0], ("flat-lora", "merged"): [2.0]})
-    text = against_lora_section(metrics_frame({"lora": [0.8], "flat-lora": [0.9]}), probes)
+    text = "\n".join(paired_tests_sections(metrics_frame({"lora": [0.8], "flat-lora": [0.9]}), probes))
     assert "| λ₁ (merged) ÷ LoRA's | flat-lora | 1 | 0.5 [—] | — | — |" in text
 
 
@@ -96,7 +148,7 @@ def test_every_section_renders_one_seed_without_nan():
                                       for m in ("lora", "flat-lora")
                                       for measure in ("expected_loss", "worst_case", "worst_case_first_order")])])
     texts = [runs_section(metrics), accuracy_section(metrics), sharpness_section(probes), worst_case_section(probes),
-             expected_loss_section(probes), against_lora_section(metrics, probes), within_method_section(metrics, probes),
+             expected_loss_section(probes), *paired_tests_sections(metrics, probes), within_method_section(metrics, probes),
              claim_section(probes)]
     assert not [t for t in texts if "nan" in t.lower()]
 

@@ -40,8 +40,8 @@ from ..results import PartFiles, file_digest
 from .error_analysis import compare_predictions
 from .figures import (PLANE_METHODS, fig_eigenvalues, fig_expected_loss, fig_lines, fig_planes, fig_robustness,
                       fig_sharpness_vs_accuracy)
-from .report import (accuracy_section, against_lora_section, claim_section, collect_metrics, expected_loss_section,
-                     markdown_table, robustness_section, runs_section, sharpness_section, within_method_section,
+from .report import (accuracy_section, claim_section, collect_metrics, expected_loss_section, markdown_table,
+                     paired_tests_sections, robustness_section, runs_section, sharpness_section, within_method_section,
                      worst_case_section)
 from .robustness import accuracy_drop, corruption_accuracy
 from .suite import ProbeSettings, probe_model
@@ -529,10 +529,10 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
     ``methods`` × ``seeds`` that are finished: every run (steps, accuracies, wall time); mean ± std
     over seeds of accuracy, sharpness per space (the headline measures, the worst case beside its
     first-order term, ΔL with its Monte-Carlo interval) and robustness; every method against LoRA
-    paired by seed, Holm-adjusted over that whole table (one family per task,
-    :func:`~landscape.study.report.against_lora`); λ₁ against accuracy within each method; λ₁ in one
-    space against another across runs; the error analysis; the figures. With one seed the intervals
-    and tests are "—"."""
+    paired by seed, and SAM on A, B against SAM on W (the claim's direct test), Holm-adjusted over
+    both tables (one family per task, :func:`~landscape.study.report.paired_tests_sections`); λ₁
+    against accuracy within each method; λ₁ in one space against another across runs; the error
+    analysis; the figures. With one seed the intervals and tests are "—"."""
     sections = ["# Flatness-mismatch study", "", f"Made by `{command}`.", ""]
     for task in tasks:
         runs = finished_runs(out, results, task, methods, seeds)
@@ -552,7 +552,7 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
                          "### Expected loss under Gaussian weight noise", "", expected_loss_section(probes), ""]
         if robust is not None:
             sections += ["### Robustness to messy input", "", robustness_section(robust), ""]
-        sections += ["### Against LoRA, paired by seed", "", against_lora_section(metrics, probes, robust), ""]
+        sections += paired_tests_sections(metrics, probes, robust)
         if probes is not None:
             sections += ["### λ₁ against test accuracy, within each method", "", within_method_section(metrics, probes),
                          "", "### One space against another, across runs", "", claim_section(probes), ""]

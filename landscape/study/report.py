@@ -20,7 +20,8 @@ Tests (runs with the same seed share the data order and the head's initialisatio
   :func:`mismatched_runs` — the runs flat in one space and sharp in the other.
 
 The long runs' report (:func:`landscape.study.pipeline.report`) is made of the ``*_section``
-functions here, one markdown block each; :func:`against_lora` is its one family of tests per task.
+functions here, one markdown block each; :func:`against_lora` and :func:`claim_contrast` (SAM on A, B
+against SAM on W, the claim's direct test) are its one family of tests per task (:func:`one_family`).
 :func:`write_index` — results/study/report.md: every committed part's report, in one file.
 """
 from __future__ import annotations
@@ -40,8 +41,10 @@ __all__ = ["collect_metrics", "mean_std", "paired_log_ratio", "paired_difference
            "mismatched_runs",
            "sharpness_summary", "top_eigenvalues", "format_mean_std", "format_interval", "effects_display",
            "markdown_table", "runs_section", "accuracy_section", "sharpness_section", "worst_case_section",
-           "expected_loss_section", "robustness_section", "against_lora", "against_lora_section", "within_method",
+           "expected_loss_section", "robustness_section", "against_lora", "claim_contrast", "one_family",
+           "paired_tests_sections", "within_method",
            "within_method_section", "claim_section", "write_index", "HEADLINE_MEASURES", "MIN_RUNS", "CLAIM_PAIRS",
+           "CLAIM_CONTRAST", "CLAIM_GAP",
            "EXACT_SPEARMAN_MAX_N"]
 
 #: (measure, x) pairs the report tabulates: top eigenvalue, ΔL at σ = 0.05, worst case at ρ = 0.05, line at α = 1
@@ -408,19 +411,80 @@ def against_lora(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] = None,
     return out.assign(p_holm=holm(out["p"]))
 
 
-def against_lora_section(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] = None,
-                         robust: Optional[pd.DataFrame] = None) -> str:
-    """:func:`against_lora` as a table, with what it holds in words."""
+#: the claim's direct contrast: SAM on the LoRA factors A, B against SAM on the merged weights W
+CLAIM_CONTRAST = ("sam-lora", "sam-full")
+#: the contrast's gap: λ₁ in the LoRA space (balanced gauge) over λ₁ in the merged space
+CLAIM_GAP = ("lora-balanced", "merged")
+
+
+def claim_contrast(probes: Optional[pd.DataFrame], methods: Sequence[str] = CLAIM_CONTRAST) -> pd.DataFrame:
+    """The claim's direct test, paired by seed: λ₁ of ``methods[0]`` (SAM on A, B, which flattens the
+    LoRA space) over λ₁ of ``methods[1]`` (SAM on W, which flattens the full one) in each space, and
+    the ratio of their gaps g = λ₁(balanced LoRA) ÷ λ₁(merged) (:data:`CLAIM_GAP`), all on the log
+    scale (:func:`paired_effects_table`: exp(mean d) with d = log(x_seed ÷ y_seed)).
+
+    If flatness in the LoRA space carried over to the full space, the merged ratio would sit where
+    the balanced one does and the gap ratio g_A ÷ g_W would be 1; the claim (Li et al., 2025) predicts
+    a merged ratio above the balanced one and a gap ratio below 1. Rows with a pair only; p_holm over
+    this table (the report adjusts it with the task's other tests as one family: :func:`one_family`);
+    no rows without ``probes``."""
+    columns = ["method", "effect", "pairs", "difference", "low", "high", "p", "p_holm"]
+    eig = top_eigenvalues(probes) if probes is not None else None
+    if eig is None or not eig["method"].isin(methods).any():
+        return pd.DataFrame(columns=columns)
+    eig = eig[eig["method"].isin(methods)]
+    wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value", sort=False)
+    effects = {sp: f"λ₁ ({sp}) ÷ {methods[1]}'s" for sp in wide.columns}
+    x, y = CLAIM_GAP
+    if {x, y} <= set(wide.columns):
+        gap = f"λ₁ ({x}) ÷ λ₁ ({y})"
+        wide[gap] = wide[x] / wide[y]
+        effects[gap] = f"[{gap}] ÷ {methods[1]}'s"
+    out = paired_effects_table(wide.reset_index(), effects, log=set(effects), by="method", base=methods[1])
+    return out[out["pairs"] > 0].reset_index(drop=True)[columns]
+
+
+def one_family(*tables: pd.DataFrame) -> list[pd.DataFrame]:
+    """The tables with p_holm Holm-adjusted jointly over every row of all of them (:func:`holm`): the
+    tests a report makes for one task are one family, whichever table shows them."""
+    adjusted = holm(pd.concat([t["p"] for t in tables], ignore_index=True)) if tables else []
+    out, start = [], 0
+    for t in tables:
+        out.append(t.assign(p_holm=adjusted[start:start + len(t)]))
+        start += len(t)
+    return out
+
+
+def paired_tests_sections(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] = None,
+                          robust: Optional[pd.DataFrame] = None) -> list[str]:
+    """Markdown of the task's paired tests, one Holm family (:func:`one_family`): every method against
+    LoRA (:func:`against_lora`) and, where both have a run with the same seed, SAM on A, B against
+    SAM on W (:func:`claim_contrast`), each table with what it holds in words."""
     effects = against_lora(metrics, probes, robust)
+    effects, contrast = one_family(effects, claim_contrast(probes))
+    tested = int(effects["p"].notna().sum()) + int(contrast["p"].notna().sum())
+    family = (f"p_holm is Holm-adjusted over every comparison of this table{' and the next' if len(contrast) else ''}, "
+              f"one family for the task: {tested} of its {len(effects) + len(contrast)} comparisons have a p.")
+    lines = ["### Against LoRA, paired by seed", ""]
     if effects.empty:
-        return "(no method has a run with one of LoRA's seeds)"
-    tested = int(effects["p"].notna().sum())
-    text = ("Each method against LoRA with the same seed (a pair shares the data order and the initialisation): "
-            "accuracies, ΔL and accuracy drops as the mean difference (method − LoRA), λ₁ and the worst case as the "
-            "ratio exp(mean log(method ÷ LoRA)), the geometric mean over seeds; each with its Student-t 95 % "
-            "interval in brackets and the paired t-test's p (two pairs or more; — otherwise). p_holm is Holm-adjusted over "
-            f"every comparison in this table, one family for the task: {tested} of its {len(effects)} rows have a p.")
-    return "\n".join([text, "", markdown_table(effects_display(effects, ["effect", "method"]), floatfmt=".3g")])
+        lines += ["(no method has a run with one of LoRA's seeds)", ""]
+    else:
+        lines += ["Each method against LoRA with the same seed (a pair shares the data order and the initialisation): "
+                  "accuracies, ΔL and accuracy drops as the mean difference (method − LoRA), λ₁ and the worst case as "
+                  "the ratio exp(mean log(method ÷ LoRA)), the geometric mean over seeds; each with its Student-t 95 % "
+                  "interval in brackets and the paired t-test's p (two pairs or more; — otherwise). " + family, "",
+                  markdown_table(effects_display(effects, ["effect", "method"]), floatfmt=".3g"), ""]
+    if len(contrast):
+        a, w = CLAIM_CONTRAST
+        lines += [f"### The claim's direct test: {a} against {w}, paired by seed", "",
+                  f"λ₁ of {a} (SAM on the LoRA factors A, B) over λ₁ of {w} (SAM on the merged weights W) with the same "
+                  f"seed, in each space, and the ratio of their gaps λ₁ ({CLAIM_GAP[0]}) ÷ λ₁ ({CLAIM_GAP[1]}): the "
+                  "geometric mean over seeds with its Student-t 95 % interval and the paired t-test's p. Were flatness "
+                  "in the LoRA space to carry over to the full space, the merged ratio would sit where the balanced "
+                  "one does and the gap ratio would be 1; the claim predicts a merged ratio above the balanced one "
+                  "and a gap ratio below 1." + ("" if len(effects) else " " + family), "",
+                  markdown_table(effects_display(contrast, ["effect", "method"]), floatfmt=".3g"), ""]
+    return lines
 
 
 def within_method(metrics: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
