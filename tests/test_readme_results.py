@@ -42,13 +42,25 @@ def _tables(text: str) -> list[list[str]]:
     return tables
 
 
+def _decimals(text: str) -> set[str]:
+    """Every decimal number in ``text``, whole: "0.11" is not among the numbers of "0.116"."""
+    import re
+
+    return set(re.findall(r"(?<![\w.])\d+\.\d+(?:e-?\d+)?(?![\d])", text))
+
+
 def _prose_decimals(section: str) -> set[str]:
     """Every decimal in ``section`` outside tables and code blocks."""
     import re
 
     prose = re.sub(r"```.*?```", "", section, flags=re.S)
-    prose = "\n".join(line for line in prose.splitlines() if not line.startswith("|"))
-    return set(re.findall(r"(?<![\w.])\d+\.\d+(?:e-?\d+)?", prose))
+    return _decimals("\n".join(line for line in prose.splitlines() if not line.startswith("|")))
+
+
+def _unquoted(numbers: set[str], *reports: Path) -> list[str]:
+    """The ``numbers`` (less the settings' grid) that are no number of any of ``reports``."""
+    found = set().union(*(_decimals(r.read_text(encoding="utf-8")) for r in reports))
+    return sorted(numbers - GRID - found)
 
 
 def test_readme_quotes_the_exact_digits_summary_as_it_is():
@@ -70,7 +82,7 @@ def test_every_decimal_in_the_exact_digits_prose_is_in_the_summary():
     code) appears in summary.md — so a rerun that changes a number fails here until the README says it."""
     numbers = _prose_decimals(_exact_section())
     assert numbers, "the section quotes no numbers"
-    assert sorted(n for n in numbers - GRID if n not in EXACT.read_text(encoding="utf-8")) == []
+    assert _unquoted(numbers, EXACT) == []
 
 
 def test_readme_quotes_the_minilm_sweep_summary_as_it_is():
@@ -108,7 +120,7 @@ def test_the_minilm_sweep_paired_tests_recomputed_with_scipy():
 
 def test_every_decimal_in_the_minilm_sweep_prose_is_in_its_summary():
     numbers = _prose_decimals(_section(SWEEP_SECTION))
-    assert sorted(n for n in numbers - GRID if n not in SWEEP.read_text(encoding="utf-8")) == []
+    assert _unquoted(numbers, SWEEP) == []
 
 
 def test_the_exact_digits_correlation_recomputed_with_scipy():
@@ -180,7 +192,7 @@ def test_readme_quotes_the_long_runs_report_as_it_is():
 def test_every_decimal_in_the_long_runs_prose_is_in_its_report():
     numbers = _prose_decimals(_section(LONG_SECTION))
     assert numbers, "the section quotes no numbers"
-    assert sorted(n for n in numbers - GRID if n not in LONG.read_text(encoding="utf-8")) == []
+    assert _unquoted(numbers, LONG) == []
 
 
 def test_the_long_runs_ratios_recomputed_from_the_committed_probes():
@@ -241,3 +253,4 @@ def test_the_long_runs_claim_correlation_recomputed_with_scipy():
         assert line.endswith(f"p = {test.pvalue:.2g}."), task
         checked += 1
     assert checked >= 2
+
