@@ -254,3 +254,34 @@ def test_the_long_runs_claim_correlation_recomputed_with_scipy():
         checked += 1
     assert checked >= 2
 
+
+def test_the_claims_direct_test_recomputed_with_scipy():
+    """SAM on A, B against SAM on W with the same seed, on the gap λ₁(balanced LoRA) ÷ λ₁(merged):
+    scipy's paired t-test on the logs of each task's committed probes.csv gives the ratio and p
+    that task's direct-test table states."""
+    import numpy as np
+    from scipy import stats
+
+    checked = 0
+    for task, eig in _probed_eigenvalues():
+        wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value")
+        gap = np.log(wide["lora-balanced"] / wide["merged"])
+        pairs = pd.concat([gap.loc["sam-lora"], gap.loc["sam-full"]], axis=1, keys=["a", "w"]).dropna()
+        test = stats.ttest_rel(pairs["a"], pairs["w"])
+        ratio = float(np.exp((pairs["a"] - pairs["w"]).mean()))
+        row = (f"| [λ₁ (lora-balanced) ÷ λ₁ (merged)] ÷ sam-full's | sam-lora | {len(pairs)} | {ratio:.3g} [")
+        line = next(line for line in _report_section(task).splitlines() if line.startswith(row))
+        assert line.split(" | ")[4] == f"{test.pvalue:.3g}", task
+        checked += 1
+    assert checked >= 2
+
+
+WHAT_SECTION = "### What the data say"
+
+
+def test_every_decimal_in_what_the_data_say_is_in_a_report():
+    """The study's conclusions hold no number of their own: each decimal is in one of the committed
+    reports the sections below it quote (digits, the sweep, the long runs)."""
+    numbers = _prose_decimals(_section(WHAT_SECTION))
+    assert numbers, "the section quotes no numbers"
+    assert _unquoted(numbers, EXACT, SWEEP, LONG) == []
