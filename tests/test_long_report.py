@@ -208,3 +208,12 @@ def test_the_claim_waits_for_enough_runs():
     probes = eigen_frame({(m, sp): [1.0, 2.0] for m in ("lora", "flat-lora") for sp in ("lora-balanced", "merged")})
     assert f"4 runs have both so far; the correlation and the runs flat in one space and sharp in the other wait for " \
            f"{MIN_RUNS}." in claim_section(probes)
+
+
+def test_without_lora_the_direct_test_states_its_own_family():
+    lam = {"lora-balanced": [3.0, 5.0, 13.0], "merged": [7.0, 11.0, 29.0]}
+    probes = eigen_frame({(m, sp): [1.0, 2.0, 4.0] if m == "sam-full" else lam[sp]
+                          for m in ("sam-lora", "sam-full") for sp in lam})
+    text = "\n".join(paired_tests_sections(metrics_frame({"sam-lora": [0.8] * 3, "sam-full": [0.8] * 3}), probes))
+    assert "(no method has a run with one of LoRA's seeds)" in text
+    assert "p_holm is Holm-adjusted over every comparison of this table, one family for the task: 3 of its 3" in text

@@ -463,8 +463,8 @@ def paired_tests_sections(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] 
     effects = against_lora(metrics, probes, robust)
     effects, contrast = one_family(effects, claim_contrast(probes))
     tested = int(effects["p"].notna().sum()) + int(contrast["p"].notna().sum())
-    family = (f"p_holm is Holm-adjusted over every comparison of this table{' and the next' if len(contrast) else ''}, "
-              f"one family for the task: {tested} of its {len(effects) + len(contrast)} comparisons have a p.")
+    family = (lambda scope: f"p_holm is Holm-adjusted over every comparison of {scope}, one family for the task: "
+              f"{tested} of its {len(effects) + len(contrast)} comparisons have a p.")
     lines = ["### Against LoRA, paired by seed", ""]
     if effects.empty:
         lines += ["(no method has a run with one of LoRA's seeds)", ""]
@@ -472,7 +472,8 @@ def paired_tests_sections(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] 
         lines += ["Each method against LoRA with the same seed (a pair shares the data order and the initialisation): "
                   "accuracies, ΔL and accuracy drops as the mean difference (method − LoRA), λ₁ and the worst case as "
                   "the ratio exp(mean log(method ÷ LoRA)), the geometric mean over seeds; each with its Student-t 95 % "
-                  "interval in brackets and the paired t-test's p (two pairs or more; — otherwise). " + family, "",
+                  "interval in brackets and the paired t-test's p (two pairs or more; — otherwise). "
+                  + family("this table and the next" if len(contrast) else "this table"), "",
                   markdown_table(effects_display(effects, ["effect", "method"]), floatfmt=".3g"), ""]
     if len(contrast):
         a, w = CLAIM_CONTRAST
@@ -482,7 +483,7 @@ def paired_tests_sections(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] 
                   "geometric mean over seeds with its Student-t 95 % interval and the paired t-test's p. Were flatness "
                   "in the LoRA space to carry over to the full space, the merged ratio would sit where the balanced "
                   "one does and the gap ratio would be 1; the claim predicts a merged ratio above the balanced one "
-                  "and a gap ratio below 1." + ("" if len(effects) else " " + family), "",
+                  "and a gap ratio below 1." + ("" if len(effects) else " " + family("this table")), "",
                   markdown_table(effects_display(contrast, ["effect", "method"]), floatfmt=".3g"), ""]
     return lines
 
