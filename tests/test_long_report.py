@@ -89,7 +89,9 @@ def sam_pair_probes(balanced_ratio: float = 1.0, merged_ratio: float = 4.0) -> p
 def test_the_claim_contrast_is_sam_on_a_b_over_sam_on_w_per_space_and_their_gap():
     """Balanced ratio 1 (× the wiggle, mean log 0), merged ratio 4: the gap ratio is 1/4 per seed
     × the wiggle, so its geometric mean is 0.25 with the wiggle's t interval."""
-    effects = claim_contrast(sam_pair_probes()).set_index("effect")
+    contrast = claim_contrast(sam_pair_probes())
+    np.testing.assert_allclose(contrast["p_holm"], holm(contrast["p"]), rtol=1e-12)  # its own family: the table
+    effects = contrast.set_index("effect")
     assert set(effects["method"]) == {"sam-lora"} and (effects["pairs"] == 3).all()
     assert effects.loc["λ₁ (lora-balanced) ÷ sam-full's", "difference"] == pytest.approx(1.0, rel=1e-12)
     assert effects.loc["λ₁ (merged) ÷ sam-full's", "difference"] == pytest.approx(4.0, rel=1e-12)
@@ -102,8 +104,9 @@ def test_the_claim_contrast_is_sam_on_a_b_over_sam_on_w_per_space_and_their_gap(
 
 
 def test_the_claim_contrast_joins_the_tasks_holm_family():
-    """Against LoRA: accuracy, F1, λ₁ × 2 spaces for two methods (8 rows, F1 and accuracy without a
-    spread so without p); the contrast 3 rows: one family of the rows with a p."""
+    """Against LoRA: accuracy, F1, λ₁ × 2 spaces for two methods (8 rows); the contrast 3 rows (the
+    merged ratio is 4 at every seed, so it has no p): one Holm family of the rows with a p, which
+    adjusts the gap's p more than the contrast's own family of two does."""
     rng = np.random.default_rng(1)
     metrics = metrics_frame({m: list(0.8 + rng.normal(0, 0.01, 3)) for m in ("lora", "sam-lora", "sam-full")})
     probes = sam_pair_probes(merged_ratio=4.0)

@@ -429,10 +429,10 @@ def claim_contrast(probes: Optional[pd.DataFrame], methods: Sequence[str] = CLAI
     this table (the report adjusts it with the task's other tests as one family: :func:`one_family`);
     no rows without ``probes``."""
     columns = ["method", "effect", "pairs", "difference", "low", "high", "p", "p_holm"]
-    eig = top_eigenvalues(probes) if probes is not None else None
-    if eig is None or not eig["method"].isin(methods).any():
-        return pd.DataFrame(columns=columns)
+    eig = top_eigenvalues(probes) if probes is not None else pd.DataFrame(columns=["method"])
     eig = eig[eig["method"].isin(methods)]
+    if eig.empty:
+        return pd.DataFrame(columns=columns)
     wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value", sort=False)
     effects = {sp: f"λ₁ ({sp}) ÷ {methods[1]}'s" for sp in wide.columns}
     x, y = CLAIM_GAP
@@ -441,7 +441,8 @@ def claim_contrast(probes: Optional[pd.DataFrame], methods: Sequence[str] = CLAI
         wide[gap] = wide[x] / wide[y]
         effects[gap] = f"[{gap}] ÷ {methods[1]}'s"
     out = paired_effects_table(wide.reset_index(), effects, log=set(effects), by="method", base=methods[1])
-    return out[out["pairs"] > 0].reset_index(drop=True)[columns]
+    out = out[out["pairs"] > 0].reset_index(drop=True)[columns]
+    return out.assign(p_holm=holm(out["p"]))
 
 
 def one_family(*tables: pd.DataFrame) -> list[pd.DataFrame]:
@@ -463,8 +464,11 @@ def paired_tests_sections(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] 
     effects = against_lora(metrics, probes, robust)
     effects, contrast = one_family(effects, claim_contrast(probes))
     tested = int(effects["p"].notna().sum()) + int(contrast["p"].notna().sum())
-    family = (lambda scope: f"p_holm is Holm-adjusted over every comparison of {scope}, one family for the task: "
-              f"{tested} of its {len(effects) + len(contrast)} comparisons have a p.")
+
+    def family(scope: str) -> str:
+        return (f"p_holm is Holm-adjusted over every comparison of {scope}, one family for the task: {tested} of its "
+                f"{len(effects) + len(contrast)} comparisons have a p.")
+
     lines = ["### Against LoRA, paired by seed", ""]
     if effects.empty:
         lines += ["(no method has a run with one of LoRA's seeds)", ""]
