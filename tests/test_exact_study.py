@@ -201,6 +201,40 @@ def test_own_space_effects_pair_seeds_on_the_log_scale_with_holm_over_every_cell
     assert effects.loc[("half", "merged")]["p_holm"] < 0.01 < effects.loc[("same", "merged")]["p_holm"]
 
 
+def test_direct_test_pairs_sam_on_ab_with_sam_on_w_by_seed_in_every_space():
+    """SAM on A, B with λ₁ twice SAM on W's in the merged space and equal in the balanced LoRA space,
+    seed by seed (4 seeds, seeded noise on the log scale): the direct test's merged ratio and gap
+    ratio are scipy's paired t-test of the logs, the balanced ratio is near 1, and other settings
+    (here LoRA's) stay out."""
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    base = {sp: rng.uniform(1, 3, 4) for sp in ("lora-balanced", "merged")}
+    factor = {("sam-lora-rho0.1", "merged"): 2.0}
+    rows = [{"setting": st, "method": st.split("-rho")[0], "seed": i, "space": sp,
+             "lambda_max": base[sp][i] * factor.get((st, sp), 1.0) * np.exp(rng.normal(0, 0.05))}
+            for st in ("lora", *exact.DIRECT_TEST) for sp in base for i in range(4)]
+    frame = pd.DataFrame(rows)
+    out = exact.direct_test(frame).set_index("effect")
+    assert set(out["method"]) == {"sam-lora-rho0.1"} and (out["pairs"] == 4).all()
+
+    def lam(st, sp):
+        return frame[(frame["setting"] == st) & (frame["space"] == sp)]["lambda_max"].to_numpy()
+
+    a, w = exact.DIRECT_TEST
+    merged = out.loc["λ₁ (merged) ÷ sam-full-rho0.1's"]
+    test = stats.ttest_rel(np.log(lam(a, "merged")), np.log(lam(w, "merged")))
+    assert (merged["difference"], merged["p"]) == pytest.approx(
+        (np.exp(np.mean(np.log(lam(a, "merged") / lam(w, "merged")))), test.pvalue), rel=1e-10)
+    assert 1.8 < merged["difference"] < 2.2
+    assert 0.9 < out.loc["λ₁ (lora-balanced) ÷ sam-full-rho0.1's"]["difference"] < 1.1
+    gap = out.loc["[λ₁ (lora-balanced) ÷ λ₁ (merged)] ÷ sam-full-rho0.1's"]
+    g = {st: np.log(lam(st, "lora-balanced") / lam(st, "merged")) for st in (a, w)}
+    assert gap["p"] == pytest.approx(stats.ttest_rel(g[a], g[w]).pvalue, rel=1e-10)
+    assert 0.45 < gap["difference"] < 0.55
+    assert exact.direct_test(frame[frame["setting"] != w]).empty
+
+
 def test_script_needs_lora_for_the_thresholds(tmp_path):
     r = run_script(SCRIPT, "--methods", "sam-lora", "--out", tmp_path)
     assert r.returncode == 2 and "add 'lora' to --methods" in r.stderr

@@ -139,6 +139,25 @@ def test_the_exact_digits_correlation_recomputed_with_scipy():
     assert saved["p"] == pytest.approx(test.pvalue, rel=1e-9)
 
 
+def test_the_exact_digits_direct_test_recomputed_with_scipy():
+    """SAM on A, B against SAM on W at ρ = 0.1 on digits, on the gap λ₁(balanced LoRA) ÷ λ₁(merged):
+    scipy's paired t-test on the logs of the committed spectra.csv gives the ratio and p of the
+    summary's direct-test row, and the README quotes that row."""
+    import numpy as np
+    from scipy import stats
+
+    table = pd.read_csv(EXACT.with_name("spectra.csv"))
+    wide = table.pivot_table(index=["setting", "seed"], columns="space", values="lambda_max")
+    gap = np.log(wide["lora-balanced"] / wide["merged"])
+    a, w = gap.loc["sam-lora-rho0.1"], gap.loc["sam-full-rho0.1"]
+    test = stats.ttest_rel(a, w.loc[a.index])
+    ratio = float(np.exp((a - w.loc[a.index]).mean()))
+    row = f"| [λ₁ (lora-balanced) ÷ λ₁ (merged)] ÷ sam-full-rho0.1's | sam-lora-rho0.1 | {len(a)} | {ratio:.3g} ["
+    line = next(line for line in EXACT.read_text(encoding="utf-8").splitlines() if line.startswith(row))
+    assert line.split(" | ")[4] == f"{test.pvalue:.3g}"
+    assert line in _exact_section()
+
+
 def test_the_exact_digits_accuracy_tests_recomputed_with_scipy():
     """Each setting's accuracy against LoRA with the same seed: scipy's paired t-test on the committed
     spectra.csv, and Holm's adjustment written out here (sorted p times m, m − 1, …, running maximum,

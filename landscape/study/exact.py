@@ -32,8 +32,11 @@ The answer (:func:`correlations`, :func:`~landscape.study.report.mismatched_runs
 between balanced-LoRA λ₁ and merged λ₁ across runs, with a seeded BCa bootstrap 95 % interval
 (Efron, 1987; ``scipy.stats.bootstrap``) — if flatness in the LoRA space implied flatness in the full
 space, the runs would fall on a monotone curve (ρ = 1); the runs flat in one space and sharp in the
-other; and, per setting, tangent and normal λ₁ paired by seed against LoRA's, to see whether the
-sharpness that LoRA cannot see (normal space) is what Flat-LoRA and SAM on W reduce.
+other; per setting, tangent and normal λ₁ paired by seed against LoRA's, to see whether the
+sharpness that LoRA cannot see (normal space) is what Flat-LoRA and SAM on W reduce; and the claim's
+direct test (:func:`direct_test`): SAM on A, B against SAM on W at the same ρ, paired by seed, in
+every space and on the gap λ₁(balanced LoRA) ÷ λ₁(merged), in one Holm family with the settings'
+comparisons against LoRA.
 
 Stages (:data:`STAGES`, each resumable): ``train`` every setting × seed into OUT/digits-mlp/NAME-sSEED/
 (finished runs are kept); ``spectra`` — one part per run (:class:`landscape.results.PartFiles` in
@@ -73,12 +76,12 @@ from ..results import PartFiles
 from ..space import space
 from .figures import method_color, plain_log_axes, seeds_label
 from .pipeline import differing_settings, run_fingerprint
-from .report import (MIN_RUNS, holm, markdown_table, mismatched_runs, paired_differences, paired_log_ratio,
-                     spearman_interval, within_group_spearman)
+from .report import (MIN_RUNS, claim_contrast, claim_contrast_lines, holm, markdown_table, mismatched_runs,
+                     one_family, paired_differences, paired_log_ratio, spearman_interval, within_group_spearman)
 
 __all__ = ["ExactStudyError", "Setting", "SETTINGS", "SPACES", "STAGES", "STEPS", "TASK", "select_settings",
            "train_runs", "exact_spectra", "spectra_parts", "spectra_table", "correlations",
-           "own_space_effects", "findings", "accuracy_statistics", "accuracy_findings", "fig_lora_vs_merged", "write_report", "run_exact_study"]
+           "own_space_effects", "direct_test", "findings", "accuracy_statistics", "accuracy_findings", "fig_lora_vs_merged", "write_report", "run_exact_study"]
 
 TASK = "digits-mlp"
 STEPS = 1200
@@ -319,6 +322,21 @@ def own_space_effects(frame: pd.DataFrame) -> pd.DataFrame:
     return effects.assign(p_holm=holm(effects["p"]))
 
 
+#: the claim's direct test on digits: SAM on A, B against SAM on W at the same ρ — the strongest of
+#: both grids and the ρ of the MiniLM study's direct test
+DIRECT_TEST = ("sam-lora-rho0.1", "sam-full-rho0.1")
+
+
+def direct_test(frame: pd.DataFrame, settings: Sequence[str] = DIRECT_TEST) -> pd.DataFrame:
+    """:func:`~landscape.study.report.claim_contrast` on the exact λ₁ of ``settings`` (SAM on A, B,
+    then SAM on W) in spectra.csv's long form: per space λ₁(A, B) ÷ λ₁(W) with the same seed and the
+    ratio of their gaps λ₁(lora-balanced) ÷ λ₁(merged), geometric means with t intervals and paired
+    p; no rows unless both settings have a run with the same seed."""
+    sel = frame[frame["setting"].isin(settings)]
+    return claim_contrast(sel.assign(method=sel["setting"], measure="eigenvalue", x=1, value=sel["lambda_max"]),
+                          methods=settings)
+
+
 # ------------------------------------------------------------------------------------------ report
 PANELS = (("lora-balanced", "merged", "(a) LoRA space vs full space", "λ₁, LoRA space (balanced gauge)",
            "λ₁, merged space"),
@@ -378,11 +396,14 @@ def _fmt(x: float) -> str:
 ALPHA = 0.05  # family-wise error rate of the Holm-adjusted comparisons
 
 
-def findings(corr: pd.DataFrame, mismatch: dict[str, list[str]], effects: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+def findings(corr: pd.DataFrame, mismatch: dict[str, list[str]], effects: pd.DataFrame, table: pd.DataFrame,
+             contrast: Optional[pd.DataFrame] = None) -> list[str]:
     """The report's numbers in sentences (markdown bullets), made from the tables so that prose which
     quotes them cannot drift: the headline correlation and its range within methods, the runs flat in
     one space and sharp in the other, every setting × space whose λ₁ differs from LoRA's at Holm-adjusted
-    p < :data:`ALPHA`, full fine-tuning's merged λ₁ and the accuracy range."""
+    p < :data:`ALPHA`, the claim's direct test (``contrast``, :func:`direct_test`), full fine-tuning's
+    merged λ₁ and the accuracy range."""
+    contrast = contrast if contrast is not None else pd.DataFrame()
     main = corr[(corr["x"] == "lora-balanced") & (corr["y"] == "merged")]
     pooled, within = main[main["scope"] == "all"].iloc[0], main[main["scope"] != "all"].dropna(subset=["low"])
     n_lora = int(pooled["n"])
@@ -401,6 +422,12 @@ def findings(corr: pd.DataFrame, mismatch: dict[str, list[str]], effects: pd.Dat
         base = f" (LoRA's median {_fmt(lora[sp])})" if sp in lora else ""
         lines.append(f"- λ₁ in the {sp} space{base} differs from LoRA's at Holm-adjusted p < {ALPHA:g} for "
                      + (f"{len(cells)} setting(s): " + "; ".join(cells) + "." if cells else "no setting."))
+    if len(contrast):
+        suffix = f" ÷ {DIRECT_TEST[1]}'s"
+        cells = [f"{r.effect.removesuffix(suffix)} {_fmt(r.difference)}× [{_fmt(r.low)}, {_fmt(r.high)}] "
+                 f"(Holm p = {r.p_holm:.2g})" for r in contrast.itertuples()]
+        lines.append(f"- The claim's direct test, {contrast['method'].iloc[0]} ÷ {DIRECT_TEST[1]} with the same seed "
+                     f"({int(contrast['pairs'].iloc[0])} pairs): " + "; ".join(cells) + ".")
     full = table[(table["method"] == "full-ft") & (table["space"] == "merged")]["lambda_max"]
     if len(full):
         lines.append(f"- Full fine-tuning's merged λ₁: median {_fmt(full.median())} over {len(full)} seeds.")
@@ -451,7 +478,9 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
     if (table["space"] == "lora-balanced").sum() < MIN_RUNS:
         raise ExactStudyError(f"the report correlates spaces across LoRA runs: it needs at least {MIN_RUNS} "
                               "(train more seeds)")
-    corr, mismatch, effects = correlations(table, seed=seed), mismatched_runs(table), own_space_effects(table)
+    corr, mismatch = correlations(table, seed=seed), mismatched_runs(table)
+    effects, contrast = one_family(own_space_effects(table), direct_test(table))
+    family = f"one family of {int(effects['p'].notna().sum() + contrast['p'].notna().sum())} comparisons"
     main = corr[(corr["x"] == "lora-balanced") & (corr["y"] == "merged") & (corr["scope"] == "all")].iloc[0]
     thresholds = table.groupby("space")["threshold"].first()
     summary = {"task": TASK, "command": command, "runs": int(table["run"].nunique()),
@@ -460,7 +489,7 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
                "threshold_rule": _threshold_rule(),
                "spearman_lora_balanced_vs_merged": main.drop(["x", "y", "scope"]).to_dict(),
                "spearman": corr.to_dict(orient="records"), "mismatched_runs": mismatch,
-               "tangent_vs_normal": _tangent_vs_normal(effects), "max_symmetry_error": float(table["symmetry_error"].max()),
+               "tangent_vs_normal": _tangent_vs_normal(effects), "direct_test": contrast.to_dict(orient="records"), "max_symmetry_error": float(table["symmetry_error"].max()),
                "hessian_seconds_per_run": float(table.groupby("run")["hessian_seconds"].sum().median()),
                "train_seconds_per_run": float(table.groupby("run")["train_seconds"].first().median())}
     accuracy, within = accuracy_statistics(table)
@@ -482,7 +511,7 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         markdown_table(corr, floatfmt=".3g"), "",
         f"Balanced LoRA space vs merged space, all LoRA runs: ρ = {_fmt(main['rho'])} "
         f"[{_fmt(main['low'])}, {_fmt(main['high'])}], n = {int(main['n'])}.", "",
-        "## Findings (sentences made from the tables below)", "", *findings(corr, mismatch, effects, table),
+        "## Findings (sentences made from the tables below)", "", *findings(corr, mismatch, effects, table, contrast),
         *accuracy_findings(accuracy, within), *probe_findings, "",
         "## Runs flat in one space and sharp in the other", "",
         "(λ₁ below the median in one space, in the top quartile in the other, among the LoRA runs)", "",
@@ -491,8 +520,11 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
         markdown_table(per_setting.reset_index(), floatfmt=".3g"), "",
         "## Each setting against plain LoRA with the same seed", "",
         "Geometric mean over seeds of λ₁ / LoRA's λ₁ with the same seed, its 95 % t interval (seeds below "
-        "LoRA / pairs, paired t-test of log λ₁, p Holm-adjusted over every cell of this table).",
+        "LoRA / pairs, paired t-test of log λ₁, p Holm-adjusted over every cell of this table"
+        + (" and the direct test's below, " + family if len(contrast) else "") + ").",
         "", markdown_table(_ratio_cells(effects, order=list(per_setting.index)).reset_index()), "",
+        *(claim_contrast_lines(contrast, DIRECT_TEST, heading="##", note=f" p_holm: Holm over the table above and this "
+                               f"one, {family}.") if len(contrast) else []),
         "## Eigenvalues above τ (median over seeds)", "",
         "τ per space: " + ", ".join(f"{sp} {_fmt(t)}" for sp, t in thresholds.items())
         + f" ({summary['threshold_rule']}).", "",

@@ -480,16 +480,23 @@ def paired_tests_sections(metrics: pd.DataFrame, probes: Optional[pd.DataFrame] 
                   + family("this table and the next" if len(contrast) else "this table"), "",
                   markdown_table(effects_display(effects, ["effect", "method"]), floatfmt=".3g"), ""]
     if len(contrast):
-        a, w = CLAIM_CONTRAST
-        lines += [f"### The claim's direct test: {a} against {w}, paired by seed", "",
-                  f"λ₁ of {a} (SAM on the LoRA factors A, B) over λ₁ of {w} (SAM on the merged weights W) with the same "
-                  f"seed, in each space, and the ratio of their gaps λ₁ ({CLAIM_GAP[0]}) ÷ λ₁ ({CLAIM_GAP[1]}): the "
-                  "geometric mean over seeds with its Student-t 95 % interval and the paired t-test's p. Were flatness "
-                  "in the LoRA space to carry over to the full space, the merged ratio would sit where the balanced "
-                  "one does and the gap ratio would be 1; the claim predicts a merged ratio above the balanced one "
-                  "and a gap ratio below 1." + ("" if len(effects) else " " + family("this table")), "",
-                  markdown_table(effects_display(contrast, ["effect", "method"]), floatfmt=".3g"), ""]
+        lines += claim_contrast_lines(contrast, note="" if len(effects) else " " + family("this table"))
     return lines
+
+
+def claim_contrast_lines(contrast: pd.DataFrame, methods: Sequence[str] = CLAIM_CONTRAST, *, note: str = "",
+                         heading: str = "###") -> list[str]:
+    """Markdown of :func:`claim_contrast`'s table under a ``heading`` of that level, with what it holds
+    and what the claim predicts in words, ``note`` (its Holm family) appended to the words."""
+    a, w = methods
+    return [f"{heading} The claim's direct test: {a} against {w}, paired by seed", "",
+            f"λ₁ of {a} (SAM on the LoRA factors A, B) over λ₁ of {w} (SAM on the merged weights W) with the same "
+            f"seed, in each space, and the ratio of their gaps λ₁ ({CLAIM_GAP[0]}) ÷ λ₁ ({CLAIM_GAP[1]}): the "
+            "geometric mean over seeds with its Student-t 95 % interval and the paired t-test's p. Were flatness "
+            "in the LoRA space to carry over to the full space, the merged ratio would sit where the balanced "
+            "one does and the gap ratio would be 1; the claim predicts a merged ratio above the balanced one "
+            "and a gap ratio below 1." + note, "",
+            markdown_table(effects_display(contrast, ["effect", "method"]), floatfmt=".3g"), ""]
 
 
 def within_method(metrics: pd.DataFrame, probes: pd.DataFrame) -> pd.DataFrame:
