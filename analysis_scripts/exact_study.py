@@ -17,8 +17,9 @@ Stages (each resumable — finished runs and per-run spectra are reused):
    (landscape.study.exact_probes): RESULTS/probes.csv, planes.csv and FIGURES/digits-mlp-*;
 4. ``robust``  — every run's test accuracy under pixel noise and pixel dropout: RESULTS/robustness.csv and
    FIGURES/digits-mlp-robustness.{png,pdf};
-5. ``report``  — from those tables: RESULTS/summary.json, RESULTS/summary.md (with the accuracy and
-   robustness tests and the probe summary), FIGURES/digits-exact-lora-vs-merged.{png,pdf}, and the
+5. ``report``  — from those tables: RESULTS/summary.json, RESULTS/summary.md (with the claim's direct
+   test — SAM on A, B against SAM on W at ρ = 0.1 —, the accuracy and robustness tests and the probe
+   summary), FIGURES/digits-exact-lora-vs-merged.{png,pdf}, and the
    study's index RESULTS/../report.md (landscape.study.report.write_index).
 """
 from __future__ import annotations

@@ -489,7 +489,8 @@ def write_report(table: pd.DataFrame, results: Path, figures: Path, command: str
                "threshold_rule": _threshold_rule(),
                "spearman_lora_balanced_vs_merged": main.drop(["x", "y", "scope"]).to_dict(),
                "spearman": corr.to_dict(orient="records"), "mismatched_runs": mismatch,
-               "tangent_vs_normal": _tangent_vs_normal(effects), "direct_test": contrast.to_dict(orient="records"), "max_symmetry_error": float(table["symmetry_error"].max()),
+               "tangent_vs_normal": _tangent_vs_normal(effects), "direct_test": contrast.to_dict(orient="records"),
+               "max_symmetry_error": float(table["symmetry_error"].max()),
                "hessian_seconds_per_run": float(table.groupby("run")["hessian_seconds"].sum().median()),
                "train_seconds_per_run": float(table.groupby("run")["train_seconds"].first().median())}
     accuracy, within = accuracy_statistics(table)
