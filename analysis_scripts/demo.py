@@ -9,7 +9,8 @@ the merged space. The table gives, per method and space, the geometric mean of �
 ratio to LoRA's with the same seed; then the claim's direct test, SAM on A, B's λ₁ over SAM on W's
 with the same seed (:func:`landscape.study.report.claim_contrast`). On digits Flat-LoRA and SAM on W
 lower the normal and merged λ₁ more than the LoRA-space λ₁, and SAM on A, B lowers both spaces
-alike: the mismatch that MiniLM shows (README, "What the data say") is not there.
+about alike: the mismatch that MiniLM shows (README, "What the data say") is faint there (the digits
+study's direct test: gap ratio about three quarters, against a twentieth on rt-minilm).
 
     .venv/bin/python analysis_scripts/demo.py [--seeds 0 1 2] [--out runs/demo]
     .venv/bin/python analysis_scripts/demo.py --task rt-minilm --steps 200 --seeds 0   # the same on MiniLM (~20 min)
