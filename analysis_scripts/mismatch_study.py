@@ -22,6 +22,8 @@ Stages (each resumable — finished runs and probe results are reused):
    serve the report on any machine, and probing it again means training it again;
 2. ``probe``  — ``analysis_scripts/probe.py``'s suite on every run → RESULTS/TASK/probes.csv (one part
    per run in RESULTS/TASK/probe-parts/, keyed by the run's name and the content hashes of its files);
+   ``--noise-pairs N`` then gives each run's ΔL cells whose interval holds 0 N antithetic pairs in all
+   (``landscape.study.noise_top_up``: the extra draws alone, merged exactly; parts in noise-parts/);
 3. ``robust`` — accuracy under seeded text corruptions → RESULTS/TASK/robustness.csv;
 4. ``report`` — figures into --figures and a markdown report RESULTS/report.md, per task, from the
    finished runs (partial data is fine: with one seed the intervals and p-values are "—"):
@@ -87,6 +89,10 @@ def parse_args(argv=None):
     # suite's defaults (on 2 CPU cores one MiniLM forward of 32 sentences takes about 0.5 s)
     ProbeSettings.add_arguments(p, examples=128, sigmas=[0.05, 0.1], noise_samples=8, directions=2, alphas=7,
                                 eig_tol=1e-2)
+    p.add_argument("--noise-pairs", type=int, default=0, metavar="N",
+                   help="extend each run's ΔL cells whose 95%% interval holds 0 to N antithetic pairs in all (the draws "
+                        "the probe did not make, merged exactly with its first ones; parts in noise-parts/; "
+                        "default 0: no top-up)")
     p.add_argument("--robust-examples", type=int, default=150, help="test examples in the robustness stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -107,7 +113,7 @@ def main(argv=None) -> int:
         run_study(Path(a.out), Path(a.results), Path(a.figures), tasks=a.tasks, methods=a.methods, seeds=a.seeds,
                   steps=steps, stages=a.stage, settings=ProbeSettings.from_arguments(a), split=a.split,
                   examples=a.examples, batch_size=a.batch_size, robust_examples=a.robust_examples,
-                  progress=not a.no_progress, command=command, recipe=recipe)
+                  progress=not a.no_progress, command=command, recipe=recipe, noise_pairs=a.noise_pairs)
     except (StudySettingsError, RecordWithoutWeightsError) as e:
         fail(str(e))
     if "report" in a.stage and distributed.is_main():

@@ -22,7 +22,9 @@ below its own standard error at every merged MiniLM row). ``antithetic=False`` d
 
 Sample k is σ·z_k with z_k drawn from a generator seeded with ``flatlora.noise_seed(seed, k, 0)``:
 the same seed gives the same draws for every σ, every checkpoint and every space of the same shapes
-(common random numbers, so differences between checkpoints are paired). Sampling stops at the
+(common random numbers, so differences between checkpoints are paired). ``first_sample`` = n starts
+at draw k = n, so that a run with n draws can be extended by the draws it did not make and the two
+summaries merged exactly (:func:`pool_samples`: the t-interval of all n + m draws). Sampling stops at the
 first n ≥ ``min_samples`` with half-width t_{(1+c)/2, n−1}·s/√n ≤ max(rtol·|mean|, atol), or at
 ``max_samples``; the stopping point does not depend on how many samples are evaluated per forward.
 
@@ -51,7 +53,7 @@ from .guard import preserved
 from .loss import Loss, require_loss
 from .space import Selector, Space, as_space
 
-__all__ = ["expected_loss", "NOISES", "t_interval"]
+__all__ = ["expected_loss", "NOISES", "t_interval", "t_half_width", "pool_samples"]
 
 NOISES = {
     "filter": flat_lora_noise,
@@ -62,9 +64,26 @@ NOISES = {
 
 def t_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """(mean, half-width) of the Student-t confidence interval of the mean of ``samples`` (n ≥ 2)."""
-    n = len(samples)
-    half = scipy.stats.t.ppf(0.5 + confidence / 2, n - 1) * np.std(samples, ddof=1) / math.sqrt(n)
-    return float(np.mean(samples)), float(half)
+    return float(np.mean(samples)), t_half_width(len(samples), float(np.std(samples, ddof=1)), confidence)
+
+
+def t_half_width(n: int, std: float, confidence: float = 0.95) -> float:
+    """Half-width t_{(1+c)/2, n−1}·s/√n of the Student-t interval of a mean of n ≥ 2 samples with sample std s."""
+    return float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n))
+
+
+def pool_samples(*parts: tuple[int, float, float]) -> tuple[int, float, float]:
+    """(n, mean, std) of the union of disjoint samples given as (nᵢ, meanᵢ, stdᵢ) each (std with ddof = 1):
+    n = Σnᵢ, mean = Σnᵢ·meanᵢ / n and the sum of squared deviations
+    M₂ = Σ[(nᵢ − 1)·stdᵢ² + nᵢ·(meanᵢ − mean)²] (Chan, Golub & LeVeque 1979), std = √(M₂ / (n − 1)) —
+    exactly the mean and std of the concatenated samples, so an estimate extended by more draws
+    (``expected_loss(first_sample=n)``) is the one a single longer run would have given."""
+    n = sum(int(k) for k, _, _ in parts)
+    if n < 2 or any(int(k) < 1 for k, _, _ in parts):
+        raise ValueError(f"need parts of >= 1 sample and >= 2 samples in all, got sizes {[k for k, _, _ in parts]}")
+    mean = sum(k * m for k, m, _ in parts) / n
+    m2 = sum((k - 1) * (s ** 2 if k > 1 else 0.0) + k * (m - mean) ** 2 for k, m, s in parts)
+    return n, float(mean), float(math.sqrt(m2 / (n - 1)))
 
 
 def _stop_at(samples: np.ndarray, start: int, min_samples: int, rtol: float, atol: float, confidence: float) -> Optional[int]:
@@ -112,6 +131,7 @@ def expected_loss(
     confidence: float = 0.95,
     one_d: str = "zero",
     antithetic: bool = True,
+    first_sample: int = 0,
     batch_points: Optional[int] = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -127,6 +147,9 @@ def expected_loss(
         confidence: of the t-interval.
         one_d: the 1-D policy of filter noise: ``"zero"`` or ``"filter"`` (see :func:`~landscape.directions.flat_lora_noise`).
         antithetic: evaluate each draw as the pair ±ε (module docstring); False: single draws.
+        first_sample: index of the first draw (k = first_sample, first_sample + 1, …): with n, the
+            draws an earlier call with ``max_samples = n`` did not make, to be merged with its
+            summary by :func:`pool_samples`.
 
     Returns:
         DataFrame, one row per σ: ``space``, ``noise``, ``sigma``, ``delta_loss`` (the mean increase),
@@ -141,6 +164,8 @@ def expected_loss(
         raise ValueError(f"sigmas must be finite numbers > 0, got {sigmas}")
     if not (2 <= int(min_samples) <= int(max_samples)):
         raise ValueError(f"need 2 <= min_samples <= max_samples, got min_samples={min_samples}, max_samples={max_samples}")
+    if int(first_sample) < 0:
+        raise ValueError(f"first_sample must be >= 0, got {first_sample}")
     if rtol < 0 or atol < 0 or not 0 < confidence < 1:
         raise ValueError(f"need rtol >= 0, atol >= 0 and 0 < confidence < 1, got {rtol}, {atol}, {confidence}")
     draw = NOISES[noise] if noise != "filter" else functools.partial(flat_lora_noise, one_d=one_d)
@@ -159,7 +184,8 @@ def expected_loss(
                     first = len(increases)
                     per_call = max(1, evaluator.points_per_call // 2) if antithetic else evaluator.points_per_call
                     count = min(per_call * world, max_samples - first)
-                    values, acc = _samples(evaluator, draw, sp, sigma, seed, range(first, first + count), antithetic)
+                    values, acc = _samples(evaluator, draw, sp, sigma, seed,
+                                           range(first_sample + first, first_sample + first + count), antithetic)
                     increases = np.concatenate([increases, values - base])
                     accuracies = np.concatenate([accuracies, acc])
                     stop = _stop_at(increases, first, int(min_samples), rtol, atol, confidence)

@@ -158,6 +158,33 @@ def test_expected_loss_samples_are_the_exact_quadratic(quad, antithetic):
     assert row["std"] == pytest.approx(exact.std(ddof=1), rel=1e-3, abs=1e-6)
 
 
+def test_expected_loss_extended_from_first_sample_pools_to_the_longer_run(quad):
+    # draws 0–5, then draws 6–15 (first_sample = 6), merged: the mean, std and interval of draws 0–15
+    from landscape.noise import pool_samples, t_half_width
+
+    kwargs = dict(space="merged", sigmas=[0.1, 0.4], noise="filter", seed=3, progress=False)
+    head, tail, whole = (expected_loss(quad.model, quad.loss, min_samples=k, max_samples=k, first_sample=f, **kwargs)
+                         for k, f in ((6, 0), (10, 6), (16, 0)))
+    for a, b, w in zip(head.itertuples(), tail.itertuples(), whole.itertuples()):
+        n, mean, std = pool_samples((a.samples, a.delta_loss, a.std), (b.samples, b.delta_loss, b.std))
+        assert n == w.samples == 16
+        assert mean == pytest.approx(w.delta_loss, rel=1e-6) and std == pytest.approx(w.std, rel=1e-6)
+        assert t_half_width(n, std) == pytest.approx(w.half_width, rel=1e-6)
+    assert not np.isclose(head["delta_loss"], tail["delta_loss"]).any()  # the tail's draws are new ones
+
+
+def test_pool_samples_is_the_mean_and_std_of_the_concatenation():
+    from landscape.noise import pool_samples
+
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(3.0, 2.0, size=k) for k in (1, 5, 12)]
+    summaries = [(len(x), x.mean(), x.std(ddof=1) if len(x) > 1 else 0.0) for x in parts]
+    whole = np.concatenate(parts)
+    assert pool_samples(*summaries) == pytest.approx((len(whole), whole.mean(), whole.std(ddof=1)), rel=1e-12)
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        pool_samples((1, 0.0, 0.0))
+
+
 def test_worst_case_one_step_is_first_order_formula(quad):
     for kind in ("merged", "tangent"):
         sp = space(quad.model, kind)

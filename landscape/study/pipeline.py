@@ -43,10 +43,11 @@ from .figures import (PLANE_METHODS, fig_eigenvalues, fig_expected_loss, fig_lin
 from .report import (accuracy_section, claim_section, collect_metrics, expected_loss_section, markdown_table,
                      paired_tests_sections, robustness_section, runs_section, sharpness_section, within_method_section,
                      worst_case_section)
+from .noise_top_up import check_top_up, held_zero, merge_top_up, top_up
 from .robustness import accuracy_drop, corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "WEIGHTS_DIGEST", "is_record", "RecordWithoutWeightsError", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "run_target", "top_up_noise", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "WEIGHTS_DIGEST", "is_record", "RecordWithoutWeightsError", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -216,16 +217,19 @@ def probe_runs(runs: Sequence[str | os.PathLike], out: Path, settings: ProbeSett
     ``examples`` examples of its task's ``split`` (the same batches for every run of a task);
     rows tagged with task, method and seed. ``by_name``: parts keyed by the runs' folder names
     (unique among ``runs``), not by where they are."""
-    def target(run_path: Path) -> ProbeTarget:
-        def load():
-            model, task, cfg = load_run(run_path)
-            loss = Loss(task.batches(split, batch_size, limit=examples))
-            return model, loss, {"task": cfg["task"], "method": cfg["method"], "seed": cfg["seed"]}, task.lora_targets
-
-        return ProbeTarget(run_path, run_fingerprint(run_path), load, run_path.name if by_name else None)
-
-    return probe_targets([target(Path(r)) for r in runs], out, settings,
+    return probe_targets([run_target(Path(r), split, examples, batch_size, by_name) for r in runs], out, settings,
                          {"split": split, "examples": examples, "batch_size": batch_size}, progress, parts)
+
+
+def run_target(run_path: Path, split: str, examples: int, batch_size: int, by_name: bool = False) -> ProbeTarget:
+    """A run folder of :func:`flatlora.run` as a :class:`ProbeTarget`, probed on the first ``examples``
+    examples of its task's ``split``; tagged with task, method and seed."""
+    def load():
+        model, task, cfg = load_run(run_path)
+        loss = Loss(task.batches(split, batch_size, limit=examples))
+        return model, loss, {"task": cfg["task"], "method": cfg["method"], "seed": cfg["seed"]}, task.lora_targets
+
+    return ProbeTarget(run_path, run_fingerprint(run_path), load, run_path.name if by_name else None)
 
 
 def probe_adapters(base_model: str | os.PathLike, adapters: Sequence[str | os.PathLike], data: str | os.PathLike,
@@ -451,15 +455,21 @@ def finished_runs(out: Path, results: Path, task: str, methods, seeds) -> list[P
 
 
 def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: ProbeSettings, split: str,
-              examples: int, batch_size: int) -> None:
+              examples: int, batch_size: int, noise_pairs: int = 0) -> None:
     """The probe suite on every run, and 21 × 21 loss planes (merged space) of seed 0 of each of
-    :data:`~landscape.study.figures.PLANE_METHODS` that has a run."""
+    :data:`~landscape.study.figures.PLANE_METHODS` that has a run. ``noise_pairs`` > 0: each run's ΔL
+    cells whose interval holds 0 get that many antithetic pairs in all (:func:`top_up_noise`)."""
     res = results / task
     res.mkdir(parents=True, exist_ok=True)
-    probe_runs(runs, res / "probes.csv", settings, split, examples, batch_size, parts=res / "probe-parts", by_name=True)
+    measures, _ = probe_runs(runs, res / "probes.csv", settings, split, examples, batch_size,
+                             parts=res / "probe-parts", by_name=True)
+    if noise_pairs:
+        measures = top_up_noise(res, runs, measures, settings, split, examples, batch_size, noise_pairs)
+        if distributed.is_main():
+            atomic_write_text(res / "probes.csv", measures.to_csv(index=False))
     if distributed.is_main():
-        atomic_write_json(res / "probes-manifest.json", manifest(settings, runs, res / "probes.csv", split, examples,
-                                                                 batch_size))
+        made = manifest(settings, runs, res / "probes.csv", split, examples, batch_size)
+        atomic_write_json(res / "probes-manifest.json", {**made, "noise_pairs": noise_pairs} if noise_pairs else made)
     planes = []
     for method in PLANE_METHODS:
         d = run_source(out, results, task, method, 0)
@@ -472,6 +482,36 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
         planes.append(frame.assign(task=task, method=method, seed=0))
     if planes and distributed.is_main():
         atomic_write_text(res / "planes.csv", pd.concat(planes, ignore_index=True).to_csv(index=False))
+
+
+def top_up_noise(res: Path, runs: list[Path], measures: pd.DataFrame, settings: ProbeSettings, split: str,
+                 examples: int, batch_size: int, pairs: int) -> pd.DataFrame:
+    """``measures`` (the probe parts' rows of ``runs``) with every run's ΔL cells whose interval holds 0
+    extended to ``pairs`` antithetic pairs (:mod:`~landscape.study.noise_top_up`), one part per run
+    with such cells in RES/noise-parts/, keyed by the run's name and fingerprinted by its files, the
+    suite's settings, the data, ``pairs`` and the cells; every ΔL row gets its ``samples``."""
+    check_top_up(settings, pairs)
+    parts = PartFiles(res / "noise-parts", names=("noise",))
+    data = {"split": split, "examples": examples, "batch_size": batch_size}
+    targets, merged = {}, []
+    for d in runs:
+        cfg = read_json(d / "config.json")
+        mine = (measures["method"] == cfg["method"]) & (measures["seed"] == cfg["seed"])
+        cells = held_zero(measures[mine])
+        fingerprint = {"files": run_fingerprint(d), "settings": settings.as_dict(), **data, "pairs": pairs,
+                       "cells": [list(c) for c in cells]}
+        targets[d] = (mine, cells, fingerprint)
+    require_weights([d for d, (_, cells, f) in targets.items()
+                     if cells and is_record(d) and not parts.reusable(d.name, f)], "probe (noise top-up)")
+    for d, (mine, cells, fingerprint) in targets.items():
+        def compute(d=d, cells=cells) -> dict[str, pd.DataFrame]:
+            model, loss, _, lora_targets = run_target(d, split, examples, batch_size).load()
+            say(f"[probe] {d}: {pairs} noise pairs for {len(cells)} ΔL cell(s) whose interval holds 0")
+            return {"noise": top_up(model, loss, settings, cells, pairs, lora_targets)}
+
+        extra = parts.get(d.name, fingerprint, compute)["noise"] if cells else None
+        merged.append(merge_top_up(measures[mine], extra, int(settings.noise_max_samples)))
+    return pd.concat(merged, ignore_index=True)
 
 
 def robust_all(results: Path, task: str, runs: list[Path], limit: int) -> None:
@@ -569,20 +609,26 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
 def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], methods: Sequence[str],
               seeds: Sequence[int], steps: dict, stages: Sequence[str], settings: ProbeSettings, split: str,
               examples: int, batch_size: int, robust_examples: int, progress: bool, command: str,
-              recipe: Recipe = Recipe()) -> None:
+              recipe: Recipe = Recipe(), noise_pairs: int = 0) -> None:
     """The stages in order (each skips what is already done): ``train`` every task × method × seed
     into OUT/TASK/METHOD-sSEED/ and publish each run to RESULTS/TASK/units/METHOD-sSEED/,
     ``probe`` them (RESULTS/TASK/probes.csv, planes.csv; parts in RESULTS/TASK/probe-parts/ and
-    plane-parts/), ``robust`` (RESULTS/TASK/robustness.csv; parts in robust-parts/), ``report``
-    (figures and RESULTS/report.md). Every stage reads a run from its committed unit when there is
-    one, so that RESULTS, committed as it grows, carries the study to a new machine."""
+    plane-parts/; with ``noise_pairs``, the ΔL cells whose interval holds 0 extended to that many
+    pairs, parts in noise-parts/), ``robust`` (RESULTS/TASK/robustness.csv; parts in robust-parts/),
+    ``report`` (figures and RESULTS/report.md). Every stage reads a run from its committed unit when
+    there is one, so that RESULTS, committed as it grows, carries the study to a new machine."""
     out, results = Path(out), Path(results)
+    if noise_pairs and "probe" in stages:
+        try:
+            check_top_up(settings, noise_pairs)
+        except ValueError as e:
+            raise StudySettingsError(str(e)) from None
     if "train" in stages:
         train_all(out, results, tasks, methods, seeds, steps, progress=progress, recipe=recipe)
     for task in tasks:
         runs = finished_runs(out, results, task, methods, seeds)
         if "probe" in stages and runs:
-            probe_all(out, results, task, runs, settings, split, examples, batch_size)
+            probe_all(out, results, task, runs, settings, split, examples, batch_size, noise_pairs)
         if "robust" in stages and runs and get_task(task).encode is not None:
             robust_all(results, task, runs, robust_examples)
     if "report" in stages and distributed.is_main():
