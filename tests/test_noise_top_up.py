@@ -63,11 +63,14 @@ def test_the_study_tops_up_the_runs_cells_that_hold_0_once(tmp_path, shared_digi
             "--tasks", "digits-mlp", "--methods", "lora", "flat-lora", "--seeds", "0", "--steps", "digits-mlp=4",
             "--examples", "16", "--spaces", "merged", "tangent", "--sigmas", "0.01", "5.0", "--noise-samples", "4",
             "--no-progress"]
-    assert mismatch_study["main"](args + ["--stage", "train", "probe"]) == 0
+    assert mismatch_study["main"](args + ["--stage", "train", "probe", "report"]) == 0
     res = tmp_path / "results" / "digits-mlp"
     before = pd.read_csv(res / "probes.csv")
     holding = {m: held_zero(before[before["method"] == m]) for m in ("lora", "flat-lora")}
-    assert 0 < sum(map(len, holding.values())) < 8, holding  # the precondition: some cells hold 0, not all
+    held = sum(map(len, holding.values()))
+    assert 0 < held < 8, holding  # the precondition: some cells hold 0, not all
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert f"Within its own run, {held} of 8 run × space × σ cells hold 0 (the study's --noise-pairs" in report
 
     assert mismatch_study["main"](args + ["--noise-pairs", "8"]) == 0
     after = pd.read_csv(res / "probes.csv")
@@ -76,7 +79,8 @@ def test_the_study_tops_up_the_runs_cells_that_hold_0_once(tmp_path, shared_digi
     assert set(noise["samples"]) <= {4.0, 8.0}
     assert sorted(p.name for p in (res / "noise-parts").glob("*.json")) == sorted(
         f"{m}-s0.json" for m, cells in holding.items() if cells)
-    assert "where the first 4 left 0 inside that run's own interval" in (tmp_path / "results" / "report.md").read_text()
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "after the top-up: each run's ΔL comes from 4 antithetic pairs, or from 8 where the first 4" in report
 
     monkeypatch.setattr(pipeline, "top_up", lambda *a, **k: pytest.fail("a committed top-up was evaluated again"))
     monkeypatch.setattr(pipeline, "probe_model", lambda *a, **k: pytest.fail("a probe ran again"))

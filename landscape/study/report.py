@@ -351,16 +351,19 @@ def expected_loss_section(probes: pd.DataFrame) -> str:
     """ΔL(σ) = E_ε L(θ + ε) − L(θ) per σ × space (rows) and method (columns): the mean over seeds with
     its Monte-Carlo interval, mean ± √(Σᵢ hᵢ²)/n from the n runs' 95 % half-widths hᵢ (the runs' noise
     draws are independent, so the variances of their means add; keeping each run's own t quantile
-    makes it slightly conservative). A cell whose interval holds 0 is marked †. With a ``samples``
-    column (the study's ``--noise-pairs``) the note says how many runs' cells were extended."""
+    makes it slightly conservative). A cell whose interval holds 0 is marked †. The note counts the
+    run cells whose own interval holds 0 and, with a ``samples`` column (the study's ``--noise-pairs``),
+    how many were extended."""
     e = probes[probes["measure"] == "expected_loss"]
     if e.empty:
         return "(no expected-loss probes)"
     pairs = e["samples"].dropna() if "samples" in e else pd.Series(dtype=float)
-    extended = "" if pairs.empty or pairs.min() == pairs.max() else (
-        f" Each run's ΔL comes from {pairs.min():.0f} antithetic pairs, or from {pairs.max():.0f} where the first "
-        f"{pairs.min():.0f} left 0 inside that run's own interval ({(pairs > pairs.min()).sum()} of {len(pairs)} "
-        "run × space × σ cells).")
+    own = int((e["value"].abs() <= e["err"]).sum())
+    extended = f" Within its own run, {own} of {len(e)} run × space × σ cells hold 0" + (
+        " (the study's --noise-pairs extends those)." if pairs.empty or pairs.min() == pairs.max() else
+        f" after the top-up: each run's ΔL comes from {pairs.min():.0f} antithetic pairs, or from {pairs.max():.0f} "
+        f"where the first {pairs.min():.0f} left 0 inside that run's own interval ({(pairs > pairs.min()).sum()} "
+        "cells).")
     g = e.groupby(["x", "space", "method"], sort=False)
     s = pd.DataFrame({"mean": g["value"].mean(),
                       "half": g["err"].agg(lambda h: float(np.sqrt(np.sum(h.to_numpy() ** 2))) / len(h))}).reset_index()
