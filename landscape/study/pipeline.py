@@ -40,10 +40,10 @@ from ..results import PartFiles, file_digest
 from .error_analysis import compare_predictions
 from .figures import (PLANE_METHODS, fig_eigenvalues, fig_expected_loss, fig_lines, fig_planes, fig_robustness,
                       fig_sharpness_vs_accuracy)
+from .noise_top_up import check_top_up, held_zero, merge_top_up, top_up
 from .report import (accuracy_section, claim_section, collect_metrics, expected_loss_section, markdown_table,
                      paired_tests_sections, robustness_section, runs_section, sharpness_section, within_method_section,
                      worst_case_section)
-from .noise_top_up import check_top_up, held_zero, merge_top_up, top_up
 from .robustness import accuracy_drop, corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
