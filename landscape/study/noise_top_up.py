@@ -10,20 +10,19 @@ are then exactly those of an N-pair probe, at the cost of the N − n extra pair
 n pairs already exclude 0 keep them, so the other cells' numbers do not move.
 
 The first n pairs' standard deviation is recovered from the recorded half-width h:
-s = h·√n / t_{0.975, n−1}.
+s = h·√n / t_{0.975, n−1} = h / :func:`~landscape.noise.t_half_width` (n, 1).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 from torch import nn
 
 from ..loss import Loss
 from ..noise import expected_loss, pool_samples, t_half_width
+from .report import held_zero
 from .suite import ProbeSettings, probe_spaces
 
 __all__ = ["held_zero", "top_up", "merge_top_up", "check_top_up", "CONFIDENCE"]
@@ -41,13 +40,6 @@ def check_top_up(settings: ProbeSettings, pairs: int) -> None:
                          f"or fewer (min = max), or leave out the top-up")
     if int(pairs) < n + 2:
         raise ValueError(f"--noise-pairs {pairs}: the cells already have {n} pairs; ask for at least {n + 2}")
-
-
-def held_zero(measures: pd.DataFrame) -> list[tuple[str, float]]:
-    """The (space, σ) cells of one run's suite rows whose ΔL interval holds 0 (|ΔL| ≤ its half-width)."""
-    e = measures[measures["measure"] == "expected_loss"]
-    hold = e[e["value"].abs() <= e["err"]]
-    return [(str(sp), float(x)) for sp, x in zip(hold["space"], hold["x"])]
 
 
 def top_up(model: nn.Module, loss: Loss, settings: ProbeSettings, cells: Sequence[tuple[str, float]], pairs: int,
@@ -77,13 +69,12 @@ def merge_top_up(measures: pd.DataFrame, extra: Optional[pd.DataFrame], first: i
     out.loc[is_noise, "samples"] = float(first)
     if extra is None or extra.empty:
         return out
-    t = scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, first - 1)
     for r in extra.itertuples():
         where = is_noise & (out["space"] == r.space) & np.isclose(out["x"], r.sigma)
         if where.sum() != 1:
             raise ValueError(f"no single ΔL row for space {r.space}, σ = {r.sigma} to merge the extra draws into")
         i = out.index[where][0]
-        std = float(out.at[i, "err"]) * math.sqrt(first) / t
+        std = float(out.at[i, "err"]) / t_half_width(first, 1.0, CONFIDENCE)
         n, mean, s = pool_samples((first, float(out.at[i, "value"]), std), (int(r.samples), r.delta_loss, r.std))
         out.loc[i, ["value", "err", "samples"]] = [mean, t_half_width(n, s, CONFIDENCE), float(n)]
     return out

@@ -41,7 +41,7 @@ __all__ = ["collect_metrics", "mean_std", "paired_log_ratio", "paired_difference
            "mismatched_runs",
            "sharpness_summary", "top_eigenvalues", "format_mean_std", "format_interval", "effects_display",
            "markdown_table", "runs_section", "accuracy_section", "sharpness_section", "worst_case_section",
-           "expected_loss_section", "robustness_section", "against_lora", "claim_contrast", "one_family",
+           "held_zero", "expected_loss_section", "robustness_section", "against_lora", "claim_contrast", "one_family",
            "paired_tests_sections", "within_method",
            "within_method_section", "claim_section", "write_index", "HEADLINE_MEASURES", "MIN_RUNS", "CLAIM_PAIRS",
            "CLAIM_CONTRAST", "CLAIM_GAP",
@@ -347,6 +347,14 @@ def worst_case_section(probes: pd.DataFrame) -> str:
                       "measures the gradient, not the curvature.", "", markdown_table(table, floatfmt=".3g")])
 
 
+def held_zero(measures: pd.DataFrame) -> list[tuple[str, float]]:
+    """The (space, σ) of the rows of ``measures`` whose ΔL interval holds 0 (|ΔL| ≤ its half-width):
+    for one run's rows, the cells :mod:`~landscape.study.noise_top_up` extends."""
+    e = measures[measures["measure"] == "expected_loss"]
+    hold = e[e["value"].abs() <= e["err"]]
+    return [(str(sp), float(x)) for sp, x in zip(hold["space"], hold["x"])]
+
+
 def expected_loss_section(probes: pd.DataFrame) -> str:
     """ΔL(σ) = E_ε L(θ + ε) − L(θ) per σ × space (rows) and method (columns): the mean over seeds with
     its Monte-Carlo interval, mean ± √(Σᵢ hᵢ²)/n from the n runs' 95 % half-widths hᵢ (the runs' noise
@@ -358,7 +366,7 @@ def expected_loss_section(probes: pd.DataFrame) -> str:
     if e.empty:
         return "(no expected-loss probes)"
     pairs = e["samples"].dropna() if "samples" in e else pd.Series(dtype=float)
-    own = int((e["value"].abs() <= e["err"]).sum())
+    own = len(held_zero(e))
     extended = f" Within its own run, {own} of {len(e)} run × space × σ cells hold 0" + (
         " (the study's --noise-pairs extends those)." if pairs.empty or pairs.min() == pairs.max() else
         f" after the top-up: each run's ΔL comes from {pairs.min():.0f} antithetic pairs, or from {pairs.max():.0f} "
