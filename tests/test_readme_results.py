@@ -198,12 +198,11 @@ def _report_section(task: str, report: Path = LONG) -> str:
     return section[: section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
 
 
-def _probed_eigenvalues(report: Path = LONG):
-    """(task, its committed λ₁ rows) for every task of ``report``'s folder that has been probed."""
-    for task in LONG_TASKS:
-        if (report.parent / task / "probes.csv").exists() and f"\n## {task}\n" in report.read_text(encoding="utf-8"):
-            probes = pd.read_csv(report.parent / task / "probes.csv")
-            yield task, probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1.0)]
+def _probed_eigenvalues(report: Path, tasks):
+    """(task, its committed λ₁ rows) for each of ``tasks`` in ``report``'s folder."""
+    for task in tasks:
+        probes = pd.read_csv(report.parent / task / "probes.csv")
+        yield task, probes[(probes["measure"] == "eigenvalue") & (probes["x"] == 1.0)]
 
 
 def test_readme_quotes_the_long_runs_report_as_it_is():
@@ -233,13 +232,13 @@ def test_readme_quotes_the_best_on_validation_report_as_it_is():
 
 
 @REPORTS
-def test_the_long_runs_ratios_recomputed_from_the_committed_probes(report, tasks):
+def test_the_minilm_reports_ratios_recomputed_from_the_committed_probes(report, tasks):
     """Each method's λ₁ ÷ LoRA's in each space, exp(mean over seeds of log(method ÷ LoRA)) computed
     here from each probed task's committed probes.csv, is the estimate that task's paired table states."""
     import numpy as np
 
     checked = 0
-    for task, eig in _probed_eigenvalues(report):
+    for task, eig in _probed_eigenvalues(report, tasks):
         wide = eig.pivot_table(index=["space", "seed"], columns="method", values="value")
         text = _report_section(task, report)
         for space in eig["space"].unique():
@@ -255,7 +254,7 @@ def test_the_long_runs_ratios_recomputed_from_the_committed_probes(report, tasks
 
 
 @REPORTS
-def test_the_long_runs_paired_accuracy_p_recomputed_with_scipy(report, tasks):
+def test_the_minilm_reports_paired_accuracy_p_recomputed_with_scipy(report, tasks):
     """Each method's test accuracy against LoRA's with the same seeds: scipy's paired t-test on each
     task's committed metrics.csv gives the p of that task's section of the report (for every method
     with two seeds or more)."""
@@ -278,13 +277,13 @@ def test_the_long_runs_paired_accuracy_p_recomputed_with_scipy(report, tasks):
 
 
 @REPORTS
-def test_the_long_runs_claim_correlation_recomputed_with_scipy(report, tasks):
+def test_the_minilm_reports_claim_correlation_recomputed_with_scipy(report, tasks):
     """λ₁ in the balanced LoRA space against λ₁ in the merged space across the probed runs of each
     task: scipy's Spearman ρ and p on that task's committed probes.csv are its section's."""
     from scipy import stats
 
     checked = 0
-    for task, eig in _probed_eigenvalues(report):
+    for task, eig in _probed_eigenvalues(report, tasks):
         wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value")
         wide = wide[["lora-balanced", "merged"]].dropna()
         test = stats.spearmanr(wide["lora-balanced"], wide["merged"])
@@ -305,7 +304,7 @@ def test_the_claims_direct_test_recomputed_with_scipy(report, tasks):
     from scipy import stats
 
     checked = 0
-    for task, eig in _probed_eigenvalues(report):
+    for task, eig in _probed_eigenvalues(report, tasks):
         wide = eig.pivot_table(index=["method", "seed"], columns="space", values="value")
         gap = np.log(wide["lora-balanced"] / wide["merged"])
         pairs = pd.concat([gap.loc["sam-lora"], gap.loc["sam-full"]], axis=1, keys=["a", "w"]).dropna()
