@@ -87,8 +87,9 @@ def main(argv=None) -> int:
             fail(str(e))
     if distributed.is_main():
         targets = a.runs or a.adapter
+        command = "python analysis_scripts/probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
         atomic_write_json(out.with_name(out.stem + "-manifest.json"),
-                          manifest(settings, targets, out, "data" if own else a.split, a.examples, a.batch_size))
+                          manifest(settings, targets, out, "data" if own else a.split, a.examples, a.batch_size, command))
         print(json.dumps({"measures": str(out), "curves": str(out.with_name(out.stem + "-curves.csv"))}))
     return 0
 

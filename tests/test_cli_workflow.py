@@ -50,7 +50,8 @@ def test_probe_reprobes_when_the_settings_change(tmp_path, task):
     assert probe([str(r), "--out", str(out), *CHEAP_PROBE, "--examples", "48"]) == 0
     second = eigenvalue(pd.read_csv(out))
     assert (first != second).all()
-    assert json.loads((tmp_path / "probes-manifest.json").read_text())["examples"] == 48
+    made = json.loads((tmp_path / "probes-manifest.json").read_text())
+    assert made["examples"] == 48 and made["command"].endswith("--examples 48")  # the call that wrote it
 
 
 def test_probe_reprobes_a_retrained_run(tmp_path, task):

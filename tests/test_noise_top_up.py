@@ -81,6 +81,8 @@ def test_the_study_tops_up_the_runs_cells_that_hold_0_once(tmp_path, shared_digi
         f"{m}-s0.json" for m, cells in holding.items() if cells)
     report = (tmp_path / "results" / "report.md").read_text()
     assert "after the top-up: each run's ΔL comes from 4 antithetic pairs, or from 8 where the first 4" in report
+    assert f"Probes (`probes.csv`) made by `python analysis_scripts/mismatch_study.py {' '.join(args)} --noise-pairs 8`" \
+        in report  # the top-up's command, not only the report's
 
     monkeypatch.setattr(pipeline, "top_up", lambda *a, **k: pytest.fail("a committed top-up was evaluated again"))
     monkeypatch.setattr(pipeline, "probe_model", lambda *a, **k: pytest.fail("a probe ran again"))

@@ -21,7 +21,6 @@ import hashlib
 import os
 import platform
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -265,8 +264,10 @@ def probe_adapters(base_model: str | os.PathLike, adapters: Sequence[str | os.Pa
                           "batch_size": batch_size, "max_length": max_length}, progress, parts)
 
 
-def manifest(settings: ProbeSettings, runs, out: Path, split: str, examples: int, batch_size: int) -> dict:
-    """What made a probe table: settings, runs (relative to the table's folder), versions, command."""
+def manifest(settings: ProbeSettings, runs, out: Path, split: str, examples: int, batch_size: int,
+             command: str) -> dict:
+    """What made a probe table: settings, runs (relative to the table's folder), versions, and the
+    ``command`` that wrote it (the caller's, so that a script called in-process names itself)."""
     import peft
     import torch
     import transformers
@@ -275,7 +276,7 @@ def manifest(settings: ProbeSettings, runs, out: Path, split: str, examples: int
             "split": split, "examples": examples, "batch_size": batch_size,
             "versions": {"torch": torch.__version__, "peft": peft.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
-            "world_size": distributed.world_size(), "command": " ".join(sys.argv)}
+            "world_size": distributed.world_size(), "command": command}
 
 
 FIGURE_TABLES = ("metrics", "probes", "curves", "planes", "robustness")
@@ -455,7 +456,7 @@ def finished_runs(out: Path, results: Path, task: str, methods, seeds) -> list[P
 
 
 def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: ProbeSettings, split: str,
-              examples: int, batch_size: int, noise_pairs: int = 0) -> None:
+              examples: int, batch_size: int, command: str, noise_pairs: int = 0) -> None:
     """The probe suite on every run, and 21 × 21 loss planes (merged space) of seed 0 of each of
     :data:`~landscape.study.figures.PLANE_METHODS` that has a run. ``noise_pairs`` > 0: each run's ΔL
     cells whose interval holds 0 get that many antithetic pairs in all (:func:`top_up_noise`)."""
@@ -468,7 +469,7 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
         if distributed.is_main():
             atomic_write_text(res / "probes.csv", measures.to_csv(index=False))
     if distributed.is_main():
-        made = manifest(settings, runs, res / "probes.csv", split, examples, batch_size)
+        made = manifest(settings, runs, res / "probes.csv", split, examples, batch_size, command)
         atomic_write_json(res / "probes-manifest.json", {**made, "noise_pairs": noise_pairs} if noise_pairs else made)
     planes = []
     for method in PLANE_METHODS:
@@ -564,6 +565,13 @@ def _read_runs_table(path: Path, metrics: pd.DataFrame) -> Optional[pd.DataFrame
     return pd.read_csv(path).merge(metrics[["method", "seed"]], on=["method", "seed"]) if path.exists() else None
 
 
+def _probes_made_by(task_results: Path) -> list[str]:
+    """The line naming the command that wrote the task's probes.csv (its probes-manifest.json), which
+    may differ from the report's own (a --noise-pairs top-up, say); none without a manifest."""
+    path = task_results / "probes-manifest.json"
+    return [f"Probes (`probes.csv`) made by `{read_json(path)['command']}`.", ""] if path.exists() else []
+
+
 def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, command: str) -> Path:
     """Figures and RESULTS/report.md from what the earlier stages wrote, per task, for the runs of
     ``methods`` × ``seeds`` that are finished: every run (steps, accuracies, wall time); mean ± std
@@ -587,6 +595,7 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
         sections += [f"## {task}", "", "### Runs", "", runs_section(metrics), "",
                      "### Accuracy (mean ± std over seeds)", "", accuracy_section(metrics), ""]
         if probes is not None:
+            sections += _probes_made_by(res)
             sections += ["### Sharpness per space (mean ± std over seeds)", "", sharpness_section(probes), "",
                          "### Worst case and its first-order term", "", worst_case_section(probes), "",
                          "### Expected loss under Gaussian weight noise", "", expected_loss_section(probes), ""]
@@ -628,7 +637,7 @@ def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], 
     for task in tasks:
         runs = finished_runs(out, results, task, methods, seeds)
         if "probe" in stages and runs:
-            probe_all(out, results, task, runs, settings, split, examples, batch_size, noise_pairs)
+            probe_all(out, results, task, runs, settings, split, examples, batch_size, command, noise_pairs)
         if "robust" in stages and runs and get_task(task).encode is not None:
             robust_all(results, task, runs, robust_examples)
     if "report" in stages and distributed.is_main():
