@@ -27,7 +27,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flatlora.cli import ArgumentParser, fail
+from flatlora.cli import ArgumentParser, command_line, fail
 from landscape.study.report import write_index
 from landscape.study.exact import SETTINGS, STAGES, STEPS, ExactStudyError, run_exact_study, select_settings
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         fail(f"--steps must be >= 1, got {a.steps}")
     if "spectra" in a.stage and "lora" not in a.methods:
         fail("the eigenvalue thresholds are 1 % of plain LoRA's median λ₁: add 'lora' to --methods")
-    command = "python analysis_scripts/exact_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("exact_study.py", argv)
     try:
         run_exact_study(Path(a.out), Path(a.results), Path(a.figures), settings=select_settings(a.methods),
                         seeds=a.seeds, steps=a.steps, stages=a.stage, progress=not a.no_progress,

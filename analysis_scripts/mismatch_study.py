@@ -53,7 +53,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flatlora.cli import ArgumentParser, fail
+from flatlora.cli import ArgumentParser, command_line, fail
 from flatlora import distributed
 from landscape.study.pipeline import (DEFAULT_METHODS, STAGES, Recipe, RecordWithoutWeightsError, StudySettingsError,
                                      run_study)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         name, _, value = item.partition("=")
         if name in steps:
             steps[name] = int(value)
-    command = "python analysis_scripts/mismatch_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("mismatch_study.py", argv)
     recipe = Recipe(lr=a.lr, lora_targets=a.lora_targets, sigma=a.sigma, schedule=a.schedule, rho_lora=a.rho_lora,
                     rho_full=a.rho_full)
     try:

@@ -29,7 +29,7 @@ import sys
 from argparse import BooleanOptionalAction
 from pathlib import Path
 
-from flatlora.cli import ArgumentParser, fail
+from flatlora.cli import ArgumentParser, command_line, fail
 from flatlora import distributed
 from flatlora.io import atomic_write_json
 from landscape.study.pipeline import manifest, probe_adapters, probe_runs
@@ -86,10 +86,9 @@ def main(argv=None) -> int:
         except ValueError as e:  # an adapter that does not fit the base model, a bad data file
             fail(str(e))
     if distributed.is_main():
-        targets = a.runs or a.adapter
-        command = "python analysis_scripts/probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        atomic_write_json(out.with_name(out.stem + "-manifest.json"),
-                          manifest(settings, targets, out, "data" if own else a.split, a.examples, a.batch_size, command))
+        made = manifest(settings, a.runs or a.adapter, out, "data" if own else a.split, a.examples, a.batch_size,
+                        command_line("probe.py", argv))
+        atomic_write_json(out.with_name(out.stem + "-manifest.json"), made)
         print(json.dumps({"measures": str(out), "curves": str(out.with_name(out.stem + "-curves.csv"))}))
     return 0
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flatlora.cli import ArgumentParser, fail
+from flatlora.cli import ArgumentParser, command_line, fail
 from landscape.study import sweep
 from landscape.study.exact import ExactStudyError, select_settings
 from landscape.study.report import write_index
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         fail(f"--lr must be > 0, got {a.lr}")
     if "lora" not in (a.settings or a.methods):
         fail("every ratio is to plain LoRA's λ₁ with the same seed: add 'lora' to --methods (or --settings)")
-    command = "python analysis_scripts/sweep_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("sweep_study.py", argv)
     results = Path(a.results or f"results/study/{a.task}-sweep")
     try:
         if a.settings:

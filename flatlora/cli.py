@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-__all__ = ["ArgumentParser", "fail", "EXIT_USAGE"]
+__all__ = ["ArgumentParser", "command_line", "fail", "EXIT_USAGE"]
 
 EXIT_USAGE = 2  # bad input: argparse's convention
 
@@ -31,3 +31,9 @@ def fail(message: str) -> NoReturn:
     """Print ``error: message`` on stderr and exit with status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def command_line(script: str, argv=None) -> str:
+    """The call of ``analysis_scripts/SCRIPT`` that a result records as what made it: ``argv`` when
+    ``main(argv)`` is called in-process (a test, a notebook), else the process's own arguments."""
+    return f"python analysis_scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
