@@ -43,7 +43,9 @@ Stages (each resumable — finished runs and probe results are reused):
 
 Commit RESULTS as it grows (each unit and part is small): a new machine then goes on where the last
 stopped — nothing committed is trained or probed again. Full fine-tuning's weights are not committed
-(MiniLM's are 90 MB): its probe parts are, and the run itself stays in OUT.
+(MiniLM's are 90 MB): its probe parts are, and the run itself stays in OUT. On another machine,
+``--stage train --retrain-records`` trains such a run again for a stage that needs its weights,
+and keeps the weights only if they are bit-identical to the record's digest.
 
 Under ``torchrun --nproc_per_node N`` the same command trains each run with DDP, splits each
 probe's work and the robustness runs across the N processes; rank 0 writes the shared files.
@@ -93,6 +95,10 @@ def parse_args(argv=None):
                    help="extend each run's ΔL cells whose 95%% interval holds 0 to N antithetic pairs in all (the draws "
                         "the probe did not make, merged exactly with its first ones; parts in noise-parts/; "
                         "default 0: no top-up)")
+    p.add_argument("--retrain-records", action="store_true",
+                   help="train stage: train again each full fine-tuning run committed as a record (its weights not "
+                        "committed) that OUT does not hold, so that a stage needing its weights can run; the weights "
+                        "must come out bit-identical to the record's model.sha1, else the study stops")
     p.add_argument("--robust-examples", type=int, default=150, help="test examples in the robustness stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -113,7 +119,8 @@ def main(argv=None) -> int:
         run_study(Path(a.out), Path(a.results), Path(a.figures), tasks=a.tasks, methods=a.methods, seeds=a.seeds,
                   steps=steps, stages=a.stage, settings=ProbeSettings.from_arguments(a), split=a.split,
                   examples=a.examples, batch_size=a.batch_size, robust_examples=a.robust_examples,
-                  progress=not a.no_progress, command=command, recipe=recipe, noise_pairs=a.noise_pairs)
+                  progress=not a.no_progress, command=command, recipe=recipe, noise_pairs=a.noise_pairs,
+                  retrain_records=a.retrain_records)
     except (StudySettingsError, RecordWithoutWeightsError) as e:
         fail(str(e))
     if "report" in a.stage and distributed.is_main():

@@ -128,8 +128,28 @@ def test_a_record_whose_probe_part_is_stale_asks_for_training_before_any_work(tm
     with pytest.raises(SystemExit) as e:
         mismatch_study["main"](args)
     err = capsys.readouterr().err
-    assert e.value.code != 0 and "full-ft-s0" in err and "train them again" in err
+    assert e.value.code != 0 and "full-ft-s0" in err and "--retrain-records" in err
     assert before == {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+
+
+def test_retraining_a_record_gives_back_its_own_weights_so_other_probe_settings_run(tmp_path, full_ft_study):
+    from landscape.study.pipeline import run_fingerprint
+
+    new = ["--out", str(tmp_path / "new-machine"), *full_ft_study]
+    assert mismatch_study["main"]([*new, "--stage", "train", "--retrain-records"]) == 0
+    unit = tmp_path / "results" / "digits-mlp" / "units" / "full-ft-s0"
+    assert run_fingerprint(tmp_path / "new-machine" / "digits-mlp" / "full-ft-s0") == run_fingerprint(unit)
+    assert mismatch_study["main"]([*new, "--examples", "8", "--stage", "probe"]) == 0
+
+
+def test_a_retrained_record_with_other_weights_replaces_nothing(tmp_path, full_ft_study, capsys):
+    unit = tmp_path / "results" / "digits-mlp" / "units" / "full-ft-s0"
+    (unit / "model.sha1").write_text("0" * 40 + "\n")  # as if the record had been trained on other software
+    with pytest.raises(SystemExit) as e:
+        mismatch_study["main"](["--out", str(tmp_path / "new-machine"), *full_ft_study, "--stage", "train",
+                                "--retrain-records"])
+    assert e.value.code != 0 and "gave other weights" in capsys.readouterr().err
+    assert not (tmp_path / "new-machine" / "digits-mlp" / "full-ft-s0").exists()
 
 
 def test_loading_a_record_names_the_missing_weights(tmp_path, full_ft_study):

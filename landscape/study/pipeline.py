@@ -46,7 +46,7 @@ from .report import (accuracy_section, claim_section, collect_metrics, expected_
 from .robustness import accuracy_drop, corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "run_target", "top_up_noise", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "WEIGHTS_DIGEST", "is_record", "RecordWithoutWeightsError", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "run_target", "top_up_noise", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "WEIGHTS_DIGEST", "is_record", "RecordWithoutWeightsError", "restore_record_weights", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -89,8 +89,32 @@ def require_weights(records: Sequence[Path], stage: str) -> None:
         raise RecordWithoutWeightsError(
             f"the {stage} stage needs the weights of {names}, committed as records without them (full "
             f"fine-tuning; {WEIGHTS_DIGEST} keeps their digest) and with no {stage} part made with these files "
-            "and settings: train them again (--stage train with an --out that does not hold them), or leave "
-            "their method out of --methods")
+            "and settings: train them again (--stage train --retrain-records; their weights must come out "
+            "bit-identical), or leave their method out of --methods")
+
+
+def restore_record_weights(record: Path, dest: Path, cfg: TrainConfig, progress: bool) -> None:
+    """Give the record ``record`` (:func:`is_record`) its weights back in ``dest``: train ``cfg`` (the
+    record's run) again in a scratch folder beside ``dest`` and, only if the weights' digest is the
+    record's :data:`WEIGHTS_DIGEST` (the same seed on the same software gives the same weights, see
+    :func:`flatlora.run`), make ``dest`` the record's own files with those weights: its
+    :func:`run_fingerprint` is then the record's, and its committed parts keep serving it. Other
+    weights are a :class:`StudySettingsError` that replaces nothing (the committed parts describe the
+    record's weights, not these); the scratch run stays for a look."""
+    scratch = dest.with_name(f"{dest.name}.retrain")
+    say(f"[study] train {record} again ({cfg.steps} steps) → {scratch}, for its weights")
+    run(cfg, scratch, progress=progress)
+    got, want = file_digest(scratch / "model"), (record / WEIGHTS_DIGEST).read_text().strip()
+    if got != want:
+        raise StudySettingsError(f"training {record} again gave other weights (digest {got}, its record's {want}; "
+                                 f"other software or threads?): its committed parts describe the record's weights, so "
+                                 f"nothing is replaced; the new run is in {scratch}")
+    with atomic_dir(dest) as tmp:
+        for name in PORTABLE_RUN_FILES:
+            if (record / name).exists():
+                shutil.copy2(record / name, tmp / name)
+        os.replace(scratch / "model", tmp / "model")
+    shutil.rmtree(scratch)
 
 
 PORTABLE_RUN_FILES = ("config.json", "metrics.json", "labels.json", "predictions.json", "adapter")
@@ -425,27 +449,30 @@ class Recipe:
 
 
 def train_all(out: Path, results: Path, tasks, methods, seeds, steps: dict, progress: bool,
-              recipe: Recipe = Recipe()) -> None:
+              recipe: Recipe = Recipe(), retrain_records: bool = False) -> None:
     """Train every task × method × seed that has no finished run (:func:`run_source`; an interrupted one
     resumes), and publish each finished run as its unit in RESULTS (commit it: a new
     machine goes on from there). A finished run trained with other settings is a
-    :class:`StudySettingsError`: it would be reused as if it were this study's."""
+    :class:`StudySettingsError`: it would be reused as if it were this study's. ``retrain_records``:
+    each run that is only a record here gets its weights back in OUT (:func:`restore_record_weights`)."""
     for task in tasks:  # method-major: every seed of the first methods before the next method
         for method in methods:
             fields = recipe.fields(method)
             for seed in seeds:
                 d = distributed.broadcast_object(run_source(out, results, task, method, seed))
+                cfg = TrainConfig(task=task, method=method, seed=seed, steps=steps[task], **fields)
                 if d is not None:
                     differ = differing_settings(d, {"method": method, "seed": seed, "steps": steps[task], **fields})
                     if differ:
                         raise StudySettingsError(f"{d} holds a finished run trained with other {differ}; delete it "
                                                  "or pass another --out or --results")
+                    if retrain_records and is_record(d):
+                        restore_record_weights(d, run_dir(out, task, method, seed), cfg, progress)
                 else:
                     d = run_dir(out, task, method, seed)
                     say(f"[study] train {task} {method} seed {seed} ({steps[task]} steps) → {d}")
                     try:
-                        run(TrainConfig(task=task, method=method, seed=seed, steps=steps[task], **fields), d,
-                            progress=progress)
+                        run(cfg, d, progress=progress)
                     except RunExistsError as e:  # an interrupted run with other settings
                         raise StudySettingsError(f"{e}; or delete {d}, or pass another --out") from None
                 _publish(d, unit_dir(results, task, method, seed))
@@ -618,7 +645,7 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
 def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], methods: Sequence[str],
               seeds: Sequence[int], steps: dict, stages: Sequence[str], settings: ProbeSettings, split: str,
               examples: int, batch_size: int, robust_examples: int, progress: bool, command: str,
-              recipe: Recipe = Recipe(), noise_pairs: int = 0) -> None:
+              recipe: Recipe = Recipe(), noise_pairs: int = 0, retrain_records: bool = False) -> None:
     """The stages in order (each skips what is already done): ``train`` every task × method × seed
     into OUT/TASK/METHOD-sSEED/ and publish each run to RESULTS/TASK/units/METHOD-sSEED/,
     ``probe`` them (RESULTS/TASK/probes.csv, planes.csv; parts in RESULTS/TASK/probe-parts/ and
@@ -633,7 +660,8 @@ def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], 
         except ValueError as e:
             raise StudySettingsError(str(e)) from None
     if "train" in stages:
-        train_all(out, results, tasks, methods, seeds, steps, progress=progress, recipe=recipe)
+        train_all(out, results, tasks, methods, seeds, steps, progress=progress, recipe=recipe,
+                  retrain_records=retrain_records)
     for task in tasks:
         runs = finished_runs(out, results, task, methods, seeds)
         if "probe" in stages and runs:
