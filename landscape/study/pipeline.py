@@ -110,9 +110,7 @@ def restore_record_weights(record: Path, dest: Path, cfg: TrainConfig, progress:
                                  f"other software or threads?): its committed parts describe the record's weights, so "
                                  f"nothing is replaced; the new run is in {scratch}")
     with atomic_dir(dest) as tmp:
-        for name in PORTABLE_RUN_FILES:
-            if (record / name).exists():
-                shutil.copy2(record / name, tmp / name)
+        copy_run_files(record, tmp)
         os.replace(scratch / "model", tmp / "model")
     shutil.rmtree(scratch)
 
@@ -138,16 +136,20 @@ def publish_run(run_path: Path, dest: Path) -> None:
     if not lora and not (run_path / "model").is_dir():
         raise FileNotFoundError(f"{run_path} has neither adapter/ nor model/: its trained weights are missing")
     with atomic_dir(dest) as tmp:
-        for name in PORTABLE_RUN_FILES:
-            src = run_path / name
-            if src.is_dir():
-                shutil.copytree(src, tmp / name)
-            elif src.exists():
-                shutil.copy2(src, tmp / name)
+        copy_run_files(run_path, tmp)
         if lora:
             relative_base_model(tmp / "adapter", Path(dest) / "adapter")
         else:
             (tmp / WEIGHTS_DIGEST).write_text(file_digest(run_path / "model") + "\n")
+
+
+def copy_run_files(src: Path, dest: Path) -> None:
+    """Copy those of :data:`PORTABLE_RUN_FILES` that the run folder ``src`` holds into ``dest``."""
+    for name in PORTABLE_RUN_FILES:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dest / name)
+        elif (src / name).exists():
+            shutil.copy2(src / name, dest / name)
 
 
 def relative_base_model(adapter: Path, final: Path) -> None:
