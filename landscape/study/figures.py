@@ -172,8 +172,10 @@ def _sigma_ticks(axis, sigmas: Sequence[float]) -> None:
 
 def fig_expected_loss(probes: pd.DataFrame, *, task: str = "") -> Figure:
     """ΔL(σ) per method, one panel per space: the mean over seeds with two error bars — thin and
-    capped, the std over seeds; thick and capless, the Monte-Carlo 95 % half-width (mean over seeds
-    of ``err``). Methods sit at small multiplicative offsets around each σ, ticked exactly."""
+    capped, the std over seeds; thick and capless, one run's Monte-Carlo 95 % half-width (mean over
+    seeds of ``err``; the interval of the mean over seeds, in the report's table, is √n times
+    narrower for n runs of equal error). Methods sit at small multiplicative offsets around each σ,
+    ticked exactly."""
     sel = probes[probes["measure"] == "expected_loss"]
     spaces, methods = _present(sel["space"], SPACE_ORDER), _present(sel["method"], METHOD_ORDER)
     shift = dict(zip(methods, 10 ** _offsets(len(methods), 0.025)))
