@@ -152,6 +152,28 @@ def test_a_retrained_record_with_other_weights_replaces_nothing(tmp_path, full_f
     assert not (tmp_path / "new-machine" / "digits-mlp" / "full-ft-s0").exists()
 
 
+def test_a_finished_retraining_is_checked_again_not_trained_again(tmp_path, full_ft_study, capsys, monkeypatch):
+    """The scratch run that a mismatch leaves behind: a second call names it again (a study error,
+    not the trainer's "run exists"), and once the digest is the record's it serves without training."""
+    from landscape.study import pipeline
+
+    unit = tmp_path / "results" / "digits-mlp" / "units" / "full-ft-s0"
+    digest = (unit / "model.sha1").read_text()
+    (unit / "model.sha1").write_text("0" * 40 + "\n")
+    new = ["--out", str(tmp_path / "new-machine"), *full_ft_study, "--stage", "train", "--retrain-records"]
+    with pytest.raises(SystemExit):
+        mismatch_study["main"](new)
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("trained again"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        mismatch_study["main"](new)
+    assert "delete it to train again" in capsys.readouterr().err
+    (unit / "model.sha1").write_text(digest)
+    assert mismatch_study["main"](new) == 0
+    assert pipeline.run_fingerprint(tmp_path / "new-machine" / "digits-mlp" / "full-ft-s0") == \
+        pipeline.run_fingerprint(unit)
+
+
 def test_loading_a_record_names_the_missing_weights(tmp_path, full_ft_study):
     from flatlora import load_run
 

@@ -100,15 +100,19 @@ def restore_record_weights(record: Path, dest: Path, cfg: TrainConfig, progress:
     :func:`flatlora.run`), make ``dest`` the record's own files with those weights: its
     :func:`run_fingerprint` is then the record's, and its committed parts keep serving it. Other
     weights are a :class:`StudySettingsError` that replaces nothing (the committed parts describe the
-    record's weights, not these); the scratch run stays for a look."""
+    record's weights, not these); the scratch run stays for a look. A scratch run already finished
+    there (an earlier call's) is checked, not trained again."""
     scratch = dest.with_name(f"{dest.name}.retrain")
-    say(f"[study] train {record} again ({cfg.steps} steps) → {scratch}, for its weights")
-    run(cfg, scratch, progress=progress)
+    if (scratch / "metrics.json").exists():
+        say(f"[study] {scratch} holds a finished retraining of {record}: checking its weights")
+    else:
+        say(f"[study] train {record} again ({cfg.steps} steps) → {scratch}, for its weights")
+        run(cfg, scratch, progress=progress)
     got, want = file_digest(scratch / "model"), (record / WEIGHTS_DIGEST).read_text().strip()
     if got != want:
         raise StudySettingsError(f"training {record} again gave other weights (digest {got}, its record's {want}; "
                                  f"other software or threads?): its committed parts describe the record's weights, so "
-                                 f"nothing is replaced; the new run is in {scratch}")
+                                 f"nothing is replaced; the new run is in {scratch} (delete it to train again)")
     with atomic_dir(dest) as tmp:
         copy_run_files(record, tmp)
         os.replace(scratch / "model", tmp / "model")
