@@ -24,6 +24,7 @@ Stages (each resumable — finished runs and probe results are reused):
    per run in RESULTS/TASK/probe-parts/, keyed by the run's name and the content hashes of its files);
    ``--noise-pairs N`` then gives each run's ΔL cells whose interval holds 0 N antithetic pairs in all
    (``landscape.study.noise_top_up``: the extra draws alone, merged exactly; parts in noise-parts/);
+   a later probe stage without it keeps the top-up that the task's probes-manifest.json records;
 3. ``robust`` — accuracy under seeded text corruptions → RESULTS/TASK/robustness.csv;
 4. ``report`` — figures into --figures and a markdown report RESULTS/report.md, per task, from the
    finished runs (partial data is fine: with one seed the intervals and p-values are "—"):
@@ -91,10 +92,11 @@ def parse_args(argv=None):
     # suite's defaults (on 2 CPU cores one MiniLM forward of 32 sentences takes about 0.5 s)
     ProbeSettings.add_arguments(p, examples=128, sigmas=[0.05, 0.1], noise_samples=8, directions=2, alphas=7,
                                 eig_tol=1e-2)
-    p.add_argument("--noise-pairs", type=int, default=0, metavar="N",
+    p.add_argument("--noise-pairs", type=int, default=None, metavar="N",
                    help="extend each run's ΔL cells whose 95%% interval holds 0 to N antithetic pairs in all (the draws "
-                        "the probe did not make, merged exactly with its first ones; parts in noise-parts/; "
-                        "default 0: no top-up)")
+                        "the probe did not make, merged exactly with its first ones; parts in noise-parts/); "
+                        "default: the top-up that RESULTS/TASK/probes-manifest.json records, so probing again keeps it "
+                        "(none on a first probe); 0: no top-up")
     p.add_argument("--retrain-records", action="store_true",
                    help="train stage: train again each full fine-tuning run committed as a record (its weights not "
                         "committed) that OUT does not hold, so that a stage needing its weights can run; the weights "

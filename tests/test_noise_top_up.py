@@ -1,5 +1,6 @@
 """The ΔL top-up (landscape.study.noise_top_up): more pairs exactly where a run's interval holds 0,
 merged into the estimate a longer probe would have given; in the study, as resumable parts."""
+import json
 import runpy
 from pathlib import Path
 
@@ -88,6 +89,32 @@ def test_the_study_tops_up_the_runs_cells_that_hold_0_once(tmp_path, shared_digi
     monkeypatch.setattr(pipeline, "probe_model", lambda *a, **k: pytest.fail("a probe ran again"))
     assert mismatch_study["main"](args + ["--noise-pairs", "8", "--stage", "probe"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(res / "probes.csv"), after)
+
+
+def test_a_later_probe_stage_keeps_the_recorded_top_up_unless_told_0(tmp_path, shared_digits_pretraining, capsys):
+    """Probing again without --noise-pairs (other stages, a new seed) keeps the top-up that the
+    manifest records, and the manifest's command says so; --noise-pairs 0 drops it."""
+    from landscape.study.pipeline import recorded_noise_pairs
+
+    args = ["--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--figures", str(tmp_path / "fig"),
+            "--tasks", "digits-mlp", "--methods", "lora", "--seeds", "0", "--steps", "digits-mlp=4",
+            "--examples", "16", "--spaces", "merged", "--sigmas", "0.01", "5.0", "--noise-samples", "4",
+            "--no-progress"]
+    assert mismatch_study["main"](args + ["--noise-pairs", "8", "--stage", "train", "probe"]) == 0
+    res = tmp_path / "results" / "digits-mlp"
+    topped = pd.read_csv(res / "probes.csv")
+    assert recorded_noise_pairs(res) == 8 and 8.0 in set(topped["samples"])  # precondition: a cell was topped up
+    capsys.readouterr()
+
+    assert mismatch_study["main"](args + ["--stage", "probe"]) == 0
+    assert "keeping the 8-pair ΔL top-up" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_csv(res / "probes.csv"), topped)
+    made_by = json.loads((res / "probes-manifest.json").read_text())["command"]
+    assert made_by.endswith("--stage probe --noise-pairs 8") and recorded_noise_pairs(res) == 8
+
+    assert mismatch_study["main"](args + ["--noise-pairs", "0", "--stage", "probe"]) == 0
+    assert "samples" not in pd.read_csv(res / "probes.csv")  # the probe's own 4 pairs, as before any top-up
+    assert recorded_noise_pairs(res) == 0
 
 
 def test_the_study_refuses_a_top_up_it_cannot_merge_before_any_work(tmp_path, capsys):

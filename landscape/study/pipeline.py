@@ -518,6 +518,13 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
         atomic_write_text(res / "planes.csv", pd.concat(planes, ignore_index=True).to_csv(index=False))
 
 
+def recorded_noise_pairs(res: Path) -> int:
+    """The ΔL top-up (pairs) that made RES/probes.csv, as its probes-manifest.json records it; 0
+    without a manifest or a top-up."""
+    path = res / "probes-manifest.json"
+    return int(read_json(path).get("noise_pairs", 0)) if path.exists() else 0
+
+
 def top_up_noise(res: Path, runs: list[Path], measures: pd.DataFrame, settings: ProbeSettings, split: str,
                  examples: int, batch_size: int, pairs: int) -> pd.DataFrame:
     """``measures`` (the probe parts' rows of ``runs``) with every run's ΔL cells whose interval holds 0
@@ -651,27 +658,37 @@ def report(out: Path, results: Path, figures: Path, tasks, methods, seeds, comma
 def run_study(out: Path, results: Path, figures: Path, *, tasks: Sequence[str], methods: Sequence[str],
               seeds: Sequence[int], steps: dict, stages: Sequence[str], settings: ProbeSettings, split: str,
               examples: int, batch_size: int, robust_examples: int, progress: bool, command: str,
-              recipe: Recipe = Recipe(), noise_pairs: int = 0, retrain_records: bool = False) -> None:
+              recipe: Recipe = Recipe(), noise_pairs: Optional[int] = None, retrain_records: bool = False) -> None:
     """The stages in order (each skips what is already done): ``train`` every task × method × seed
     into OUT/TASK/METHOD-sSEED/ and publish each run to RESULTS/TASK/units/METHOD-sSEED/,
     ``probe`` them (RESULTS/TASK/probes.csv, planes.csv; parts in RESULTS/TASK/probe-parts/ and
     plane-parts/; with ``noise_pairs``, the ΔL cells whose interval holds 0 extended to that many
-    pairs, parts in noise-parts/), ``robust`` (RESULTS/TASK/robustness.csv; parts in robust-parts/),
+    pairs, parts in noise-parts/; None: the top-up that the task's probes-manifest.json records, so
+    that probing again keeps it; 0: none), ``robust`` (RESULTS/TASK/robustness.csv; parts in robust-parts/),
     ``report`` (figures and RESULTS/report.md). Every stage reads a run from its committed unit when
     there is one, so that RESULTS, committed as it grows, carries the study to a new machine."""
     out, results = Path(out), Path(results)
-    if noise_pairs and "probe" in stages:
-        try:
-            check_top_up(settings, noise_pairs)
-        except ValueError as e:
-            raise StudySettingsError(str(e)) from None
+    pairs = {task: recorded_noise_pairs(results / task) if noise_pairs is None else noise_pairs for task in tasks}
+    for task, n in pairs.items():
+        if n and "probe" in stages:
+            try:
+                check_top_up(settings, n)
+            except ValueError as e:
+                inherited = (f" ({task}'s probes-manifest.json records this top-up; --noise-pairs 0 drops it)"
+                             if noise_pairs is None else "")
+                raise StudySettingsError(f"{e}{inherited}") from None
     if "train" in stages:
         train_all(out, results, tasks, methods, seeds, steps, progress=progress, recipe=recipe,
                   retrain_records=retrain_records)
     for task in tasks:
         runs = finished_runs(out, results, task, methods, seeds)
         if "probe" in stages and runs:
-            probe_all(out, results, task, runs, settings, split, examples, batch_size, command, noise_pairs)
+            made_by = command
+            if noise_pairs is None and pairs[task]:  # the table keeps its top-up, and its manifest says how
+                say(f"[probe] {task}: keeping the {pairs[task]}-pair ΔL top-up that its probes-manifest.json "
+                    f"records (--noise-pairs 0 drops it)")
+                made_by = f"{command} --noise-pairs {pairs[task]}"
+            probe_all(out, results, task, runs, settings, split, examples, batch_size, made_by, pairs[task])
         if "robust" in stages and runs and get_task(task).encode is not None:
             robust_all(results, task, runs, robust_examples)
     if "report" in stages and distributed.is_main():
