@@ -1,4 +1,5 @@
 """The whole study pipeline in miniature: train, probe, figures and report on digits-mlp, 2 seeds."""
+import json
 import runpy
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def test_a_full_fine_tuning_run_is_committed_as_a_record_with_its_own_fingerprin
     assert is_record(unit) and not (unit / "model").exists() and (local / "model").is_dir()
     assert (unit / WEIGHTS_DIGEST).stat().st_size < 100
     assert run_fingerprint(unit) == run_fingerprint(local)  # its committed parts are the trained run's
+    made = json.loads((tmp_path / "results" / "digits-mlp" / "probes-manifest.json").read_text())
+    assert made["runs"] == ["units/full-ft-s0"]  # probed from OUT, named by its record: no machine's folder
 
 
 def test_a_new_machine_reports_full_fine_tuning_from_its_record(tmp_path, full_ft_study, monkeypatch):

@@ -502,7 +502,8 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
         if distributed.is_main():
             atomic_write_text(res / "probes.csv", measures.to_csv(index=False))
     if distributed.is_main():
-        made = manifest(settings, runs, res / "probes.csv", split, examples, batch_size, command)
+        made = manifest(settings, as_committed(results, task, runs), res / "probes.csv", split, examples, batch_size,
+                        command)
         atomic_write_json(res / "probes-manifest.json", {**made, "noise_pairs": noise_pairs} if noise_pairs else made)
     planes = []
     for method in PLANE_METHODS:
@@ -516,6 +517,19 @@ def probe_all(out: Path, results: Path, task: str, runs: list[Path], settings: P
         planes.append(frame.assign(task=task, method=method, seed=0))
     if planes and distributed.is_main():
         atomic_write_text(res / "planes.csv", pd.concat(planes, ignore_index=True).to_csv(index=False))
+
+
+def as_committed(results: Path, task: str, runs: list[Path]) -> list[Path]:
+    """Each of ``runs`` named by its committed unit when that is the same run (a full fine-tuning run
+    probed from OUT, where its weights are, and its record: equal :func:`run_fingerprint`), so that
+    a committed manifest names no one machine's folders."""
+    named = []
+    for d in runs:
+        cfg = read_json(d / "config.json")
+        unit = unit_dir(results, task, cfg["method"], cfg["seed"])
+        same = unit != d and (unit / "metrics.json").exists() and run_fingerprint(unit) == run_fingerprint(d)
+        named.append(unit if same else d)
+    return named
 
 
 def recorded_noise_pairs(res: Path) -> int:
