@@ -145,12 +145,20 @@ def test_retraining_a_record_gives_back_its_own_weights_so_other_probe_settings_
     assert mismatch_study["main"]([*new, "--examples", "8", "--stage", "probe"]) == 0
 
 
-def test_a_retrained_record_with_other_weights_replaces_nothing(tmp_path, full_ft_study, capsys):
+def mismatched_record(tmp_path, full_ft_study) -> tuple[Path, str, list[str]]:
+    """The record's digest replaced, as if it had been trained on other software → (its unit, its own
+    digest, the arguments that retrain it into tmp_path/new-machine)."""
     unit = tmp_path / "results" / "digits-mlp" / "units" / "full-ft-s0"
-    (unit / "model.sha1").write_text("0" * 40 + "\n")  # as if the record had been trained on other software
+    digest = (unit / "model.sha1").read_text()
+    (unit / "model.sha1").write_text("0" * 40 + "\n")
+    return unit, digest, ["--out", str(tmp_path / "new-machine"), *full_ft_study, "--stage", "train",
+                          "--retrain-records"]
+
+
+def test_a_retrained_record_with_other_weights_replaces_nothing(tmp_path, full_ft_study, capsys):
+    _, _, retrain = mismatched_record(tmp_path, full_ft_study)
     with pytest.raises(SystemExit) as e:
-        mismatch_study["main"](["--out", str(tmp_path / "new-machine"), *full_ft_study, "--stage", "train",
-                                "--retrain-records"])
+        mismatch_study["main"](retrain)
     assert e.value.code != 0 and "gave other weights" in capsys.readouterr().err
     assert not (tmp_path / "new-machine" / "digits-mlp" / "full-ft-s0").exists()
 
@@ -160,19 +168,16 @@ def test_a_finished_retraining_is_checked_again_not_trained_again(tmp_path, full
     not the trainer's "run exists"), and once the digest is the record's it serves without training."""
     from landscape.study import pipeline
 
-    unit = tmp_path / "results" / "digits-mlp" / "units" / "full-ft-s0"
-    digest = (unit / "model.sha1").read_text()
-    (unit / "model.sha1").write_text("0" * 40 + "\n")
-    new = ["--out", str(tmp_path / "new-machine"), *full_ft_study, "--stage", "train", "--retrain-records"]
+    unit, digest, retrain = mismatched_record(tmp_path, full_ft_study)
     with pytest.raises(SystemExit):
-        mismatch_study["main"](new)
+        mismatch_study["main"](retrain)
     monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("trained again"))
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        mismatch_study["main"](new)
+        mismatch_study["main"](retrain)
     assert "delete it to train again" in capsys.readouterr().err
     (unit / "model.sha1").write_text(digest)
-    assert mismatch_study["main"](new) == 0
+    assert mismatch_study["main"](retrain) == 0
     assert pipeline.run_fingerprint(tmp_path / "new-machine" / "digits-mlp" / "full-ft-s0") == \
         pipeline.run_fingerprint(unit)
 

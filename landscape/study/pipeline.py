@@ -46,7 +46,7 @@ from .report import (accuracy_section, claim_section, collect_metrics, expected_
 from .robustness import accuracy_drop, corruption_accuracy
 from .suite import ProbeSettings, probe_model
 
-__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "run_target", "top_up_noise", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "WEIGHTS_DIGEST", "is_record", "RecordWithoutWeightsError", "restore_record_weights", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
+__all__ = ["ProbeTarget", "probe_targets", "probe_runs", "run_target", "top_up_noise", "probe_adapters", "run_fingerprint", "publish_run", "PORTABLE_RUN_FILES", "WEIGHTS_DIGEST", "is_record", "RecordWithoutWeightsError", "restore_record_weights", "recorded_noise_pairs", "run_source", "unit_dir", "manifest", "draw_figures", "read_probe_tables", "task_figures", "run_study", "Recipe", "StudySettingsError", "differing_settings", "DEFAULT_METHODS", "STAGES"]
 
 DEFAULT_METHODS = ("full-ft", "lora", "flat-lora", "sam-lora", "sam-full")
 STAGES = ("train", "probe", "robust", "report")
@@ -468,7 +468,7 @@ def train_all(out: Path, results: Path, tasks, methods, seeds, steps: dict, prog
                 d = distributed.broadcast_object(run_source(out, results, task, method, seed))
                 cfg = TrainConfig(task=task, method=method, seed=seed, steps=steps[task], **fields)
                 if d is not None:
-                    differ = differing_settings(d, {"method": method, "seed": seed, "steps": steps[task], **fields})
+                    differ = differing_settings(d, {k: getattr(cfg, k) for k in ("method", "seed", "steps", *fields)})
                     if differ:
                         raise StudySettingsError(f"{d} holds a finished run trained with other {differ}; delete it "
                                                  "or pass another --out or --results")
